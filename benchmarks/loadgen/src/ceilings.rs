@@ -1,0 +1,310 @@
+//! `storescp-loadgen ceilings`: what this machine allows, measured with the same primitives a
+//! Storage SCP uses, so the server's figures can be read against them.
+//!
+//! - loopback TCP: one sender thread writing 1 MiB buffers, one receiver reading them;
+//! - page-cache writes: 1 MiB `write`s to one new file, no sync;
+//! - write + fdatasync: the same followed by one `fdatasync`, timed together;
+//! - create + write + rename of 4 KB and 512 KB files, one directory, no sync;
+//! - fsync latency: for a new 4 KB file, `fsync` of the file, then `rename` and `fsync` of
+//!   its directory (the durable-store sequence), each timed, run one file at a time.
+//!
+//! Before every disk measurement `sync` is run, untimed, so that earlier dirty pages are not
+//! written back during it. Files are created under `--dir` (use the disk the server writes
+//! to, never tmpfs) and removed afterwards.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+
+struct Options {
+    dir: PathBuf,
+    scale: f64,
+    json: bool,
+}
+
+fn parse(argv: &[String]) -> Result<Options, String> {
+    let mut options = Options {
+        dir: PathBuf::new(),
+        scale: 1.0,
+        json: false,
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--dir" => {
+                options.dir = PathBuf::from(it.next().ok_or("--dir needs a value")?);
+            }
+            "--scale" => {
+                let text = it.next().ok_or("--scale needs a value")?;
+                options.scale = text
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| format!("--scale: not a positive number: {text}"))?;
+            }
+            "--json" => options.json = true,
+            other => return Err(format!("ceilings: unknown argument: {other}")),
+        }
+    }
+    if options.dir.as_os_str().is_empty() {
+        return Err("ceilings: --dir is required".to_owned());
+    }
+    Ok(options)
+}
+
+fn scaled(base: usize, scale: f64) -> usize {
+    ((base as f64 * scale).round() as usize).max(1)
+}
+
+fn err(what: &str, path: &Path, e: std::io::Error) -> String {
+    format!("{what} {}: {e}", path.display())
+}
+
+fn sync_all_disks() {
+    // Untimed; a failure only makes the next figure noisier.
+    let _ = Command::new("sync").status();
+}
+
+/// Loopback TCP throughput in MB/s (10^6 bytes).
+fn tcp_loopback(total: usize) -> Result<f64, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    let receiver = std::thread::spawn(move || -> Result<usize, String> {
+        let (mut stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let mut buffer = vec![0u8; MIB];
+        let mut received = 0usize;
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return Ok(received),
+                Ok(n) => received += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("recv: {e}")),
+            }
+        }
+    });
+    let buffer = vec![0x5Au8; MIB];
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(address).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    let mut sent = 0usize;
+    while sent < total {
+        stream
+            .write_all(&buffer)
+            .map_err(|e| format!("send: {e}"))?;
+        sent += buffer.len();
+    }
+    drop(stream);
+    let received = receiver
+        .join()
+        .map_err(|_| "receiver thread panicked".to_owned())??;
+    let seconds = started.elapsed().as_secs_f64();
+    if received != sent {
+        return Err(format!("loopback: sent {sent} bytes, received {received}"));
+    }
+    Ok(sent as f64 / seconds / 1e6)
+}
+
+/// MB/s of 1 MiB writes to a new file, optionally followed by one fdatasync (timed).
+fn sequential_write(dir: &Path, total: usize, datasync: bool) -> Result<f64, String> {
+    sync_all_disks();
+    let path = dir.join(if datasync {
+        "ceiling-fdatasync.bin"
+    } else {
+        "ceiling-pagecache.bin"
+    });
+    let buffer = vec![0xA5u8; MIB];
+    let started = Instant::now();
+    let mut file = File::create(&path).map_err(|e| err("create", &path, e))?;
+    let mut written = 0usize;
+    while written < total {
+        file.write_all(&buffer)
+            .map_err(|e| err("write", &path, e))?;
+        written += buffer.len();
+    }
+    if datasync {
+        file.sync_data().map_err(|e| err("fdatasync", &path, e))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    drop(file);
+    fs::remove_file(&path).map_err(|e| err("remove", &path, e))?;
+    Ok(written as f64 / seconds / 1e6)
+}
+
+/// Files per second of create (temporary name) + write + close + rename into one directory.
+fn create_rename(dir: &Path, size: usize, count: usize) -> Result<f64, String> {
+    sync_all_disks();
+    let sub = dir.join(format!("ceiling-create-{size}"));
+    if sub.exists() {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
+    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let buffer = vec![0x3Cu8; size];
+    let started = Instant::now();
+    for i in 0..count {
+        let tmp = sub.join(format!(".tmp-{i}"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| err("create", &tmp, e))?;
+        file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
+        drop(file);
+        let target = sub.join(format!("file-{i}.dcm"));
+        fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    Ok(count as f64 / seconds)
+}
+
+/// Median and 90th percentile of (file fsync, directory fsync, whole durable store) in
+/// milliseconds, and durable 4 KB files per second one at a time.
+fn fsync_latency(dir: &Path, count: usize) -> Result<([f64; 6], f64), String> {
+    sync_all_disks();
+    let sub = dir.join("ceiling-fsync");
+    if sub.exists() {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
+    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let directory = File::open(&sub).map_err(|e| err("open", &sub, e))?;
+    let buffer = vec![0x77u8; 4096];
+    let mut file_ms = Vec::with_capacity(count);
+    let mut dir_ms = Vec::with_capacity(count);
+    let mut all_ms = Vec::with_capacity(count);
+    let started = Instant::now();
+    for i in 0..count {
+        let t0 = Instant::now();
+        let tmp = sub.join(format!(".tmp-{i}"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| err("create", &tmp, e))?;
+        file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
+        let t1 = Instant::now();
+        file.sync_all().map_err(|e| err("fsync", &tmp, e))?;
+        let t2 = Instant::now();
+        drop(file);
+        let target = sub.join(format!("file-{i}.dcm"));
+        fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
+        let t3 = Instant::now();
+        directory.sync_all().map_err(|e| err("fsync", &sub, e))?;
+        let t4 = Instant::now();
+        file_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        dir_ms.push((t4 - t3).as_secs_f64() * 1e3);
+        all_ms.push((t4 - t0).as_secs_f64() * 1e3);
+    }
+    let per_second = count as f64 / started.elapsed().as_secs_f64();
+    drop(directory);
+    fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    let pick = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        let rank = ((v.len() - 1) as f64 * p).round() as usize;
+        v.get(rank).copied().unwrap_or(0.0)
+    };
+    Ok((
+        [
+            pick(&mut file_ms, 0.5),
+            pick(&mut file_ms, 0.9),
+            pick(&mut dir_ms, 0.5),
+            pick(&mut dir_ms, 0.9),
+            pick(&mut all_ms, 0.5),
+            pick(&mut all_ms, 0.9),
+        ],
+        per_second,
+    ))
+}
+
+/// Runs every measurement and prints them; returns Ok(true) when all ran.
+pub fn main(argv: &[String]) -> Result<bool, String> {
+    let options = parse(argv)?;
+    fs::create_dir_all(&options.dir).map_err(|e| err("mkdir", &options.dir, e))?;
+    let s = options.scale;
+    let tcp = tcp_loopback(scaled(4096, s) * MIB)?;
+    let page_cache = sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
+    let datasync = sequential_write(&options.dir, scaled(1024, s) * MIB, true)?;
+    let small_files = create_rename(&options.dir, 4096, scaled(20000, s))?;
+    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s))?;
+    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s))?;
+    sync_all_disks();
+    let rows: [(&str, f64, &str); 12] = [
+        ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
+        (
+            "page_cache_write_mb_s",
+            page_cache,
+            "page-cache write, MB/s",
+        ),
+        (
+            "write_fdatasync_mb_s",
+            datasync,
+            "write + one fdatasync, MB/s",
+        ),
+        (
+            "create_write_rename_4k_per_s",
+            small_files,
+            "create+write+rename 4 KB files/s",
+        ),
+        (
+            "create_write_rename_512k_per_s",
+            medium_files,
+            "create+write+rename 512 KB files/s",
+        ),
+        (
+            "fsync_file_ms_p50",
+            fsync[0],
+            "fsync of a new 4 KB file, ms, median",
+        ),
+        (
+            "fsync_file_ms_p90",
+            fsync[1],
+            "fsync of a new 4 KB file, ms, p90",
+        ),
+        (
+            "fsync_dir_ms_p50",
+            fsync[2],
+            "fsync of its directory after rename, ms, median",
+        ),
+        (
+            "fsync_dir_ms_p90",
+            fsync[3],
+            "fsync of its directory after rename, ms, p90",
+        ),
+        (
+            "durable_store_ms_p50",
+            fsync[4],
+            "create+write+fsync+rename+dir fsync, ms, median",
+        ),
+        (
+            "durable_store_ms_p90",
+            fsync[5],
+            "create+write+fsync+rename+dir fsync, ms, p90",
+        ),
+        (
+            "durable_4k_per_s",
+            durable_per_s,
+            "durable 4 KB files/s, one at a time",
+        ),
+    ];
+    if options.json {
+        let fields: Vec<String> = rows
+            .iter()
+            .map(|(key, value, _)| format!("\"{key}\": {value:.3}"))
+            .chain(std::iter::once(format!("\"scale\": {s}")))
+            .collect();
+        println!("{{{}}}", fields.join(", "));
+    } else {
+        for (_, value, label) in rows {
+            println!("{label:<52} {value:>12.2}");
+        }
+    }
+    Ok(true)
+}
