@@ -1,0 +1,581 @@
+//! The storage root: streaming writes to a temporary file, then the atomic duplicate
+//! decision, fsync and rename into the final name (SPEC.md section 4; PS3.10 files).
+//!
+//! Layout of the private area `ROOT/.storescp/` (hidden, same filesystem as the files):
+//! - `lock`: `flock`ed around every commit, so the duplicate decision is atomic across
+//!   threads *and* processes sharing the root.
+//! - `sop/<SOPInstanceUID>`: a symlink whose target is the file's path relative to the
+//!   root: the registry of what is stored, whatever the naming scheme. A dangling link
+//!   (a crash between linking and renaming) counts as "not stored".
+//! - `run/<runid>.lock`: held (`flock`) by the process `runid` = "pid-nanos" while it runs.
+//! - `tmp/<runid>/`: that process's temporary files; swept at start once the owner is gone.
+//! - `journal/<runid>.log`: with an index, one line per instance appended before the
+//!   rename: `op \t sop_uid \t relpath \t replaced_relpath \n` (read by the index's
+//!   reconciliation after a crash).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::naming::Naming;
+
+/// Name of the private area under the storage root.
+pub const PRIVATE_DIR: &str = ".storescp";
+
+/// What to do with a SOP Instance UID that is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePolicy {
+    Reject,
+    Replace,
+    Ignore,
+}
+
+impl DuplicatePolicy {
+    /// Parses "reject" | "replace" | "ignore".
+    pub fn parse(s: &str) -> Option<DuplicatePolicy> {
+        match s {
+            "reject" => Some(DuplicatePolicy::Reject),
+            "replace" => Some(DuplicatePolicy::Replace),
+            "ignore" => Some(DuplicatePolicy::Ignore),
+            _ => None,
+        }
+    }
+}
+
+/// Storage settings decided at start.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    pub naming: Naming,
+    pub duplicate: DuplicatePolicy,
+    pub fsync: bool,
+    pub journal: bool,
+}
+
+/// How a commit ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    /// The previous file's relative path (removed when it differs from the new one).
+    Replaced(String),
+    Duplicate(String),
+    Ignored(String),
+}
+
+/// A committed (or deliberately discarded) instance.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub outcome: Outcome,
+    pub file_size: u64,
+    pub journal_offset: u64,
+}
+
+/// An open storage root, shared by every association of this process.
+pub struct Store {
+    config: StoreConfig,
+    private: PathBuf,
+    tmp_dir: PathBuf,
+    run_id: String,
+    /// Held (flock) for the life of the process: tells others this run is alive.
+    _run_lock: File,
+    commit_lock: Mutex<CommitState>,
+    commit_flock: File,
+    next_tmp: AtomicU64,
+}
+
+struct CommitState {
+    journal: Option<(File, u64)>,
+}
+
+/// The process-wide commit lock: a mutex for threads, `flock` for processes.
+struct CommitGuard<'a> {
+    state: MutexGuard<'a, CommitState>,
+    file: &'a File,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: flock on a descriptor this struct borrows; it stays open meanwhile.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock only reads the descriptor number, which `file` keeps open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (creating if needed) the storage root and its private area, registers this
+    /// run, and sweeps temporary files left by processes that are gone.
+    pub fn open(config: StoreConfig) -> io::Result<Store> {
+        fs::create_dir_all(&config.root)?;
+        let private = config.root.join(PRIVATE_DIR);
+        for sub in ["sop", "run", "tmp", "journal"] {
+            fs::create_dir_all(private.join(sub))?;
+        }
+        let commit_flock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(private.join("lock"))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let run_id = format!("{}-{nanos}", std::process::id());
+
+        // Registering and sweeping under the commit lock: a sweeper never sees a run
+        // whose lock file exists but is not yet held.
+        flock(&commit_flock, libc::LOCK_EX)?;
+        let registered = (|| {
+            let run_lock = File::create(private.join("run").join(format!("{run_id}.lock")))?;
+            flock(&run_lock, libc::LOCK_EX | libc::LOCK_NB)?;
+            sweep_dead_runs(&private)?;
+            let tmp_dir = private.join("tmp").join(&run_id);
+            fs::create_dir(&tmp_dir)?;
+            Ok::<_, io::Error>((run_lock, tmp_dir))
+        })();
+        flock(&commit_flock, libc::LOCK_UN)?;
+        let (run_lock, tmp_dir) = registered?;
+
+        Ok(Store {
+            config,
+            private,
+            tmp_dir,
+            run_id,
+            _run_lock: run_lock,
+            commit_lock: Mutex::new(CommitState { journal: None }),
+            commit_flock,
+            next_tmp: AtomicU64::new(0),
+        })
+    }
+
+    /// The storage settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// The journal file name of this run (as reported in events).
+    pub fn journal_name(&self) -> String {
+        format!("{}.log", self.run_id)
+    }
+
+    /// Starts a new instance: a temporary file holding `header` (the Part 10 preamble
+    /// and file meta), removed again unless committed.
+    pub fn begin(&self, header: &[u8]) -> io::Result<Incoming> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp_dir.join(format!("{n}.part"));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)?;
+        let mut incoming = Incoming {
+            file: None,
+            path,
+            size: 0,
+            committed: false,
+        };
+        file.write_all(header)?;
+        incoming.size = header.len() as u64;
+        incoming.file = Some(file);
+        Ok(incoming)
+    }
+
+    fn lock(&self) -> io::Result<CommitGuard<'_>> {
+        let state = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        flock(&self.commit_flock, libc::LOCK_EX)?;
+        Ok(CommitGuard {
+            state,
+            file: &self.commit_flock,
+        })
+    }
+
+    /// Makes `incoming` durable under `relpath` (relative, validated by `naming`),
+    /// deciding duplicates by SOP Instance UID atomically across processes.
+    ///
+    /// Guarantees: on `Ok(Stored | Replaced)` the complete file is under its final name
+    /// and (with fsync on) the file and its directory are on disk; on any other result
+    /// or error no temporary file remains and no stored file was changed.
+    pub fn commit(
+        &self,
+        mut incoming: Incoming,
+        relpath: &str,
+        sop_uid: &str,
+    ) -> io::Result<Committed> {
+        let file = incoming
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("temporary file already closed"))?;
+        if self.config.fsync {
+            file.sync_data()?;
+        }
+        drop(file);
+        let file_size = incoming.size;
+        let final_path = self.config.root.join(relpath);
+        let created_dirs = self.create_parents(relpath)?;
+        let link = self.private.join("sop").join(sop_uid);
+
+        let mut guard = self.lock()?;
+        let existing = self.existing(&link, relpath);
+        let (outcome, replaced) = match (existing, self.config.duplicate) {
+            (Some(old), DuplicatePolicy::Reject) => {
+                return Ok(Committed {
+                    outcome: Outcome::Duplicate(old),
+                    file_size,
+                    journal_offset: 0,
+                })
+            }
+            (Some(old), DuplicatePolicy::Ignore) => {
+                return Ok(Committed {
+                    outcome: Outcome::Ignored(old),
+                    file_size,
+                    journal_offset: 0,
+                })
+            }
+            (Some(old), DuplicatePolicy::Replace) => (Outcome::Replaced(old.clone()), Some(old)),
+            (None, _) => (Outcome::Stored, None),
+        };
+        let journal_offset = self.append_journal(&mut guard, &outcome, sop_uid, relpath)?;
+        self.link_registry(&link, relpath)?;
+        fs::rename(&incoming.path, &final_path)?;
+        incoming.committed = true;
+        if let Some(old) = replaced.filter(|old| old != relpath) {
+            // The new file is in place; a failure here leaves a stale copy, not a loss.
+            let _ = fs::remove_file(self.config.root.join(old));
+        }
+        drop(guard);
+
+        if self.config.fsync {
+            let parent = final_path.parent().unwrap_or(&self.config.root);
+            fsync_dir(parent)?;
+            for dir in created_dirs {
+                fsync_dir(&dir)?;
+            }
+        }
+        Ok(Committed {
+            outcome,
+            file_size,
+            journal_offset,
+        })
+    }
+
+    /// The stored relative path for this SOP Instance UID, if its file exists: from the
+    /// registry, else the target path itself (files written before the registry).
+    fn existing(&self, link: &Path, relpath: &str) -> Option<String> {
+        if let Ok(target) = fs::read_link(link) {
+            let old = target.to_string_lossy().into_owned();
+            if self.config.root.join(&old).is_file() {
+                return Some(old);
+            }
+        }
+        self.config
+            .root
+            .join(relpath)
+            .is_file()
+            .then(|| relpath.to_string())
+    }
+
+    /// Points the registry entry at `relpath`, replacing any previous link atomically.
+    fn link_registry(&self, link: &Path, relpath: &str) -> io::Result<()> {
+        let staged = self.tmp_dir.join("link");
+        let _ = fs::remove_file(&staged);
+        std::os::unix::fs::symlink(relpath, &staged)?;
+        fs::rename(&staged, link)
+    }
+
+    fn append_journal(
+        &self,
+        guard: &mut CommitGuard<'_>,
+        outcome: &Outcome,
+        sop_uid: &str,
+        relpath: &str,
+    ) -> io::Result<u64> {
+        if !self.config.journal {
+            return Ok(0);
+        }
+        let (op, replaced) = match outcome {
+            Outcome::Replaced(old) => ("replaced", old.as_str()),
+            _ => ("stored", ""),
+        };
+        if guard.state.journal.is_none() {
+            let path = self.private.join("journal").join(self.journal_name());
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let len = file.metadata()?.len();
+            guard.state.journal = Some((file, len));
+        }
+        let line = format!("{op}\t{sop_uid}\t{relpath}\t{replaced}\n");
+        let Some((file, offset)) = guard.state.journal.as_mut() else {
+            return Err(io::Error::other("journal not open"));
+        };
+        file.write_all(line.as_bytes())?;
+        *offset += line.len() as u64;
+        Ok(*offset)
+    }
+
+    /// Creates the directories of `relpath` below the root; returns the parents whose
+    /// entries changed (they need an fsync for the new directory to be durable).
+    fn create_parents(&self, relpath: &str) -> io::Result<Vec<PathBuf>> {
+        let mut changed = Vec::new();
+        let mut dir = self.config.root.clone();
+        let mut parts: Vec<&str> = relpath.split('/').collect();
+        parts.pop();
+        for part in parts {
+            let parent = dir.clone();
+            dir.push(part);
+            match fs::create_dir(&dir) {
+                Ok(()) => changed.push(parent),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// An instance being received: its temporary file, removed on drop unless committed.
+pub struct Incoming {
+    file: Option<File>,
+    path: PathBuf,
+    size: u64,
+    committed: bool,
+}
+
+impl Incoming {
+    /// Appends data set bytes exactly as received.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("temporary file already closed"))?;
+        file.write_all(bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.file = None;
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes the temporary directories (and run locks) of runs that no longer hold their
+/// lock. Call with the commit lock held. Journals stay for the index to replay.
+fn sweep_dead_runs(private: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in fs::read_dir(private.join("tmp"))? {
+        let entry = entry?;
+        let run_id = entry.file_name();
+        let lock_path = private
+            .join("run")
+            .join(format!("{}.lock", run_id.to_string_lossy()));
+        if run_is_alive(&lock_path) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_dir() {
+            removed += fs::read_dir(&path)?.count();
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+            removed += 1;
+        }
+        let _ = fs::remove_file(&lock_path);
+    }
+    Ok(removed)
+}
+
+fn run_is_alive(lock_path: &Path) -> bool {
+    let Ok(file) = OpenOptions::new().write(true).open(lock_path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor we own; a successful probe lock is released on close.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc != 0
+}
+
+/// Removes temporary files of dead runs under `root` (for tools and tests); returns
+/// how many files were removed.
+pub fn sweep_temporaries(root: &Path) -> io::Result<usize> {
+    let private = root.join(PRIVATE_DIR);
+    if !private.join("tmp").is_dir() {
+        return Ok(0);
+    }
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(private.join("lock"))?;
+    flock(&lock, libc::LOCK_EX)?;
+    let result = sweep_dead_runs(&private);
+    flock(&lock, libc::LOCK_UN)?;
+    result
+}
+
+/// Today's local date as YYYYMMDD (the reception date of the `date` layout).
+pub fn local_date_today() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as libc::time_t;
+    // SAFETY: localtime_r writes only into the zeroed `tm` we pass; both pointers are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
+    if !ok {
+        return "19700101".to_string();
+    }
+    format!(
+        "{:04}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "storescp-store-{name}-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn store(root: &Path, duplicate: DuplicatePolicy, naming: Naming) -> Store {
+        Store::open(StoreConfig {
+            root: root.to_path_buf(),
+            naming,
+            duplicate,
+            fsync: false,
+            journal: true,
+        })
+        .unwrap()
+    }
+
+    fn put(s: &Store, relpath: &str, uid: &str, body: &[u8]) -> Outcome {
+        let mut inc = s.begin(b"HDR").unwrap();
+        inc.write(body).unwrap();
+        s.commit(inc, relpath, uid).unwrap().outcome
+    }
+
+    fn tmp_files(root: &Path) -> usize {
+        fs::read_dir(root.join(".storescp/tmp"))
+            .unwrap()
+            .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum()
+    }
+
+    #[test]
+    fn store_reject_replace_ignore() {
+        let root = tempdir("policies");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        assert_eq!(put(&s, "1.2.dcm", "1.2", b"one"), Outcome::Stored);
+        assert_eq!(fs::read(root.join("1.2.dcm")).unwrap(), b"HDRone");
+        assert_eq!(
+            put(&s, "1.2.dcm", "1.2", b"two"),
+            Outcome::Duplicate("1.2.dcm".into())
+        );
+        assert_eq!(fs::read(root.join("1.2.dcm")).unwrap(), b"HDRone");
+        drop(s);
+
+        let s = store(&root, DuplicatePolicy::Ignore, Naming::Flat);
+        assert_eq!(
+            put(&s, "1.2.dcm", "1.2", b"three"),
+            Outcome::Ignored("1.2.dcm".into())
+        );
+        drop(s);
+
+        // Replace into another folder (as the date layout does): one file per UID.
+        let s = store(&root, DuplicatePolicy::Replace, Naming::Date);
+        assert_eq!(
+            put(&s, "2024/01/02/9/1.2.dcm", "1.2", b"four"),
+            Outcome::Replaced("1.2.dcm".into())
+        );
+        assert!(!root.join("1.2.dcm").exists());
+        assert_eq!(
+            fs::read(root.join("2024/01/02/9/1.2.dcm")).unwrap(),
+            b"HDRfour"
+        );
+        assert_eq!(tmp_files(&root), 0);
+        let journal =
+            fs::read_to_string(root.join(".storescp/journal").join(s.journal_name())).unwrap();
+        assert_eq!(journal, "replaced\t1.2\t2024/01/02/9/1.2.dcm\t1.2.dcm\n");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn dropped_incoming_leaves_nothing() {
+        let root = tempdir("drop");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        let mut inc = s.begin(b"HDR").unwrap();
+        inc.write(b"partial").unwrap();
+        drop(inc);
+        assert_eq!(tmp_files(&root), 0);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn concurrent_same_uid_stores_once() {
+        let root = tempdir("race");
+        let stores: Vec<Store> = (0..2)
+            .map(|_| store(&root, DuplicatePolicy::Reject, Naming::Hierarchical))
+            .collect();
+        let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = &stores[i % 2];
+                    scope.spawn(move || put(s, &format!("{i}/1/7.7.dcm"), "7.7", b"x"))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stored = outcomes.iter().filter(|o| **o == Outcome::Stored).count();
+        assert_eq!(stored, 1);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn dead_runs_are_swept() {
+        let root = tempdir("sweep");
+        let dead = root.join(".storescp/tmp/1-1");
+        fs::create_dir_all(&dead).unwrap();
+        fs::write(dead.join("0.part"), b"left by a killed process").unwrap();
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        assert!(!dead.exists());
+        // A live run's directory survives a sweep by another opener.
+        let live = s.tmp_dir.clone();
+        assert_eq!(sweep_temporaries(&root).unwrap(), 0);
+        assert!(live.exists());
+        fs::remove_dir_all(root).unwrap();
+    }
+}

@@ -1,0 +1,256 @@
+//! PDU framing over a TCP stream (PS3.8 9.3.1): reads whole PDUs into one reusable
+//! per-association buffer, with bounded waits so timeouts and shutdown are noticed.
+//!
+//! The buffer only grows as bytes actually arrive, up to the per-type limit, so a
+//! peer announcing an absurd length costs nothing before it is refused.
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::pdu::{abort, parse_pdu_header, PduError, PDU_HEADER_LEN};
+
+/// How often a blocked read wakes to check timeouts and shutdown.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why no PDU could be read.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the connection between PDUs.
+    Closed,
+    /// The peer closed or reset the connection in the middle of a PDU, or the socket failed.
+    Lost(String),
+    /// The PDU header is invalid or its length exceeds what this state allows.
+    Protocol { reason: u8, message: String },
+    /// The caller's wait policy gave up (timeout, shutdown); the message says why.
+    Stopped(String),
+}
+
+/// What the wait policy is told each time a read times out.
+pub struct Waiting {
+    /// Time since the last byte arrived.
+    pub idle: Duration,
+    /// Bytes of an incomplete PDU are buffered.
+    pub mid_pdu: bool,
+}
+
+/// Reads PDUs from a stream into a reusable buffer.
+pub struct PduReader {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Bytes of the PDU returned last, released at the next call.
+    consumed: usize,
+    last_activity: Instant,
+}
+
+impl PduReader {
+    /// Wraps `stream` (whose read timeout must be set to [`POLL_INTERVAL`]); the buffer
+    /// starts at `initial_capacity` bytes.
+    pub fn new(stream: TcpStream, initial_capacity: usize) -> PduReader {
+        PduReader {
+            stream,
+            buf: vec![0; initial_capacity.max(PDU_HEADER_LEN * 2)],
+            start: 0,
+            end: 0,
+            consumed: 0,
+            last_activity: Instant::now(),
+        }
+    }
+
+    /// True when bytes of an unfinished PDU are buffered.
+    pub fn has_partial(&self) -> bool {
+        self.end > self.start + self.consumed
+    }
+
+    /// Returns the next whole PDU as (type, body). `limit(type)` is the largest body
+    /// accepted for that type, or None when the type is not expected in this state.
+    /// `wait` is consulted whenever no byte arrived for [`POLL_INTERVAL`]; returning
+    /// Some(reason) abandons the read.
+    pub fn next_pdu(
+        &mut self,
+        limit: &dyn Fn(u8) -> Option<usize>,
+        wait: &mut dyn FnMut(Waiting) -> Option<String>,
+    ) -> Result<(u8, &[u8]), ReadError> {
+        self.start += self.consumed;
+        self.consumed = 0;
+        loop {
+            let available = self.end - self.start;
+            if available >= PDU_HEADER_LEN {
+                let mut header = [0u8; PDU_HEADER_LEN];
+                header.copy_from_slice(&self.buf[self.start..self.start + PDU_HEADER_LEN]);
+                let (pdu_type, length) = parse_pdu_header(&header).map_err(protocol)?;
+                let length = length as usize;
+                let max = limit(pdu_type).ok_or_else(|| ReadError::Protocol {
+                    reason: abort::UNEXPECTED_PDU,
+                    message: format!("unexpected PDU type 0x{pdu_type:02X} in this state"),
+                })?;
+                if length > max {
+                    return Err(ReadError::Protocol {
+                        reason: abort::INVALID_PDU_PARAMETER_VALUE,
+                        message: format!(
+                            "PDU type 0x{pdu_type:02X} length {length} exceeds the maximum {max}"
+                        ),
+                    });
+                }
+                let total = PDU_HEADER_LEN + length;
+                if available >= total {
+                    let body_start = self.start + PDU_HEADER_LEN;
+                    self.consumed = total;
+                    return Ok((pdu_type, &self.buf[body_start..self.start + total]));
+                }
+                self.make_room(total);
+            } else {
+                self.make_room(PDU_HEADER_LEN);
+            }
+            self.fill(wait)?;
+        }
+    }
+
+    /// Ensures the buffer can hold `needed` bytes from `start`: moves the partial PDU to
+    /// the front, and grows (at most doubling, never beyond `needed`) when still short.
+    fn make_room(&mut self, needed: usize) {
+        if self.start + needed <= self.buf.len() {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if needed > self.buf.len() && self.end == self.buf.len() {
+            let grown = (self.buf.len() * 2).min(needed);
+            self.buf.resize(grown, 0);
+        }
+    }
+
+    /// Reads what is available into the free space, waking every poll interval.
+    fn fill(&mut self, wait: &mut dyn FnMut(Waiting) -> Option<String>) -> Result<(), ReadError> {
+        loop {
+            match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    return Err(if self.end == self.start {
+                        ReadError::Closed
+                    } else {
+                        ReadError::Lost("connection closed in the middle of a PDU".into())
+                    })
+                }
+                Ok(n) => {
+                    self.end += n;
+                    self.last_activity = Instant::now();
+                    return Ok(());
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let waiting = Waiting {
+                        idle: self.last_activity.elapsed(),
+                        mid_pdu: self.end > self.start,
+                    };
+                    if let Some(why) = wait(waiting) {
+                        return Err(ReadError::Stopped(why));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Lost(format!("connection lost: {e}"))),
+            }
+        }
+    }
+}
+
+fn protocol(e: PduError) -> ReadError {
+    ReadError::Protocol {
+        reason: e.abort_reason(),
+        message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    fn pair() -> (TcpStream, PduReader) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        (client, PduReader::new(server, 16))
+    }
+
+    fn any(_: u8) -> Option<usize> {
+        Some(1 << 20)
+    }
+
+    #[test]
+    fn reads_pdus_split_and_coalesced() {
+        let (mut client, mut reader) = pair();
+        // Two A-RELEASE-RQ PDUs (PS3.8 9.3.6: type 05, reserved, length 4, 4 reserved)
+        // and the first 3 bytes of a P-DATA-TF with a 40-byte body.
+        let mut bytes = vec![5, 0, 0, 0, 0, 4, 0, 0, 0, 0, 5, 0, 0, 0, 0, 4, 0, 0, 0, 0];
+        bytes.extend_from_slice(&[4, 0, 0]);
+        client.write_all(&bytes).unwrap();
+        let mut never = |_: Waiting| None;
+        let (t, body) = reader.next_pdu(&any, &mut never).unwrap();
+        assert_eq!((t, body.len()), (5, 4));
+        let (t, _) = reader.next_pdu(&any, &mut never).unwrap();
+        assert_eq!(t, 5);
+        client.write_all(&[0, 0, 40]).unwrap();
+        client.write_all(&[7u8; 40]).unwrap();
+        let (t, body) = reader.next_pdu(&any, &mut never).unwrap();
+        assert_eq!((t, body), (4, &[7u8; 40][..]));
+        drop(client);
+        assert!(matches!(
+            reader.next_pdu(&any, &mut never),
+            Err(ReadError::Closed)
+        ));
+    }
+
+    #[test]
+    fn refuses_oversize_and_unexpected_types_before_reading_body() {
+        let (mut client, mut reader) = pair();
+        client.write_all(&[4, 0, 0xFF, 0xFF, 0xFF, 0xFF]).unwrap();
+        let limit = |t: u8| (t == 4).then_some(1024);
+        let err = reader.next_pdu(&limit, &mut |_| None).unwrap_err();
+        assert!(matches!(err, ReadError::Protocol { reason: 6, .. }));
+        assert!(reader.buf.len() < 1024);
+
+        let (mut client, mut reader) = pair();
+        client.write_all(&[2, 0, 0, 0, 0, 4]).unwrap();
+        let err = reader.next_pdu(&limit, &mut |_| None).unwrap_err();
+        assert!(matches!(err, ReadError::Protocol { reason: 2, .. }));
+
+        let (mut client, mut reader) = pair();
+        client.write_all(&[0x42, 0, 0, 0, 0, 4]).unwrap();
+        let err = reader.next_pdu(&limit, &mut |_| None).unwrap_err();
+        assert!(matches!(err, ReadError::Protocol { reason: 1, .. }));
+    }
+
+    #[test]
+    fn wait_policy_and_truncation() {
+        let (mut client, mut reader) = pair();
+        client.write_all(&[5, 0, 0]).unwrap();
+        let mut calls = 0;
+        let err = reader
+            .next_pdu(&any, &mut |w: Waiting| {
+                calls += 1;
+                assert!(w.mid_pdu);
+                (calls == 2).then(|| "idle".to_string())
+            })
+            .unwrap_err();
+        assert!(matches!(err, ReadError::Stopped(ref s) if s == "idle"));
+        drop(client);
+        assert!(matches!(
+            reader.next_pdu(&any, &mut |_| None),
+            Err(ReadError::Lost(_))
+        ));
+    }
+}
