@@ -1,0 +1,244 @@
+"""Everything the operator sees: banner, configuration, log lines and statistics.
+
+Log lines go to `out` (stdout by default), errors to `err` (stderr). Each line is written
+whole; `flush()` is called by the event loop after each batch so that a tail of the log is
+never more than one batch behind.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Final, TextIO
+
+if TYPE_CHECKING:
+    from storescp._core import Event
+    from storescp.config import ServerConfig
+    from storescp.server import Statistics
+
+BANNER: Final = r"""
+  ____ _____ ___  ____  _____   ____   ____ ____
+ / ___|_   _/ _ \|  _ \| ____| / ___| / ___|  _ \
+ \___ \ | || | | | |_) |  _|   \___ \| |   | |_) |
+  ___) || || |_| |  _ <| |___   ___) | |___|  __/
+ |____/ |_| \___/|_| \_\_____| |____/ \____|_|
+
+           DICOM Image Receiver Server
+"""
+
+RULE: Final = "=" * 49
+_LABEL_WIDTH: Final = 20
+_SUCCESS_OUTCOMES: Final = frozenset({"stored", "replaced", "ignored"})
+
+
+def format_bytes(count: int) -> str:
+    """Format a byte count as the example does: ``512 B``, ``1.50 KB`` ... ``2.00 TB``."""
+    units = ("B", "KB", "MB", "GB", "TB")
+    size = float(count)
+    unit = 0
+    while size >= 1024.0 and unit < len(units) - 1:
+        size /= 1024.0
+        unit += 1
+    return f"{count} B" if unit == 0 else f"{size:.2f} {units[unit]}"
+
+
+def timestamp(now: datetime) -> str:
+    """Format a local time as ``YYYY-MM-DD HH:MM:SS.mmm``."""
+    return now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}"
+
+
+def _clean(text: str) -> str:
+    """Make peer-supplied text safe for one log line: drop DICOM padding, mask control chars.
+
+    A patient name containing a newline or an escape sequence must not forge log lines or
+    drive the operator's terminal.
+    """
+    stripped = text.strip(" \0")
+    return "".join(c if c.isprintable() else "?" for c in stripped)
+
+
+def _peer_ae(calling_ae: str, peer: str) -> str:
+    calling = _clean(calling_ae)
+    if not peer:
+        return calling or "(unknown)"
+    return f"{calling} ({peer})" if calling else f"({peer})"
+
+
+def _seconds(value: float) -> str:
+    return "disabled" if value == 0 else f"{value:g} seconds"
+
+
+class Console:
+    """Writes the operator's view of the server.
+
+    Args:
+        out: Stream for the banner, configuration, log lines and statistics.
+        err: Stream for errors.
+        quiet: Omit the lines of successful C-STOREs and C-ECHOs; failures, refusals,
+            duplicates and association lines are still written.
+        clock: Source of the local time stamped on each line (tests pass a fixed one).
+    """
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        *,
+        quiet: bool = False,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        self._out = out if out is not None else sys.stdout
+        self._err = err if err is not None else sys.stderr
+        self._quiet = quiet
+        self._clock = clock
+
+    def print(self, text: str = "") -> None:
+        """Write `text` and a newline to the output stream, unstamped."""
+        self._out.write(text + "\n")
+
+    def log(self, message: str) -> None:
+        """Write one time-stamped line to the output stream."""
+        self._out.write(f"[{timestamp(self._clock())}] {message}\n")
+
+    def error(self, message: str) -> None:
+        """Write one time-stamped ``Error: ...`` line to the error stream."""
+        self._err.write(f"[{timestamp(self._clock())}] Error: {message}\n")
+
+    def flush(self) -> None:
+        """Flush both streams."""
+        self._out.flush()
+        self._err.flush()
+
+    def banner(self) -> None:
+        """Write the ASCII-art banner."""
+        self.print(BANNER)
+
+    def config_block(self, config: ServerConfig, accepted_count: int) -> None:
+        """Write the "Starting Storage SCP..." block with the effective configuration.
+
+        Args:
+            config: The configuration about to be started.
+            accepted_count: Number of storage SOP classes accepted (Verification excluded).
+        """
+        if config.accepted_sop_classes is None:
+            accepted = f"All standard storage classes ({accepted_count})"
+        else:
+            accepted = f"{accepted_count} SOP class(es)"
+        rows = (
+            ("AE Title", config.ae_title),
+            ("Port", str(config.port)),
+            ("Bind Address", config.bind),
+            ("Storage Directory", config.storage_dir),
+            ("Index Database", config.index_db or "(none)"),
+            ("Naming", config.naming),
+            ("Duplicates", config.duplicate),
+            ("Max Associations", str(config.max_assoc)),
+            ("Idle Timeout", _seconds(config.idle_timeout)),
+            ("Max PDU Size", f"{config.max_pdu} bytes"),
+            ("Accepted Classes", accepted),
+            ("Called AE Check", "on" if config.require_called_ae else "off"),
+            ("Allowed Calling", ", ".join(config.allowed_calling) or "(all)"),
+            ("Fsync", "on" if config.fsync else "off"),
+        )
+        self.print("\nStarting Storage SCP...")
+        for label, value in rows:
+            self.print(f"  {label + ':':<{_LABEL_WIDTH}}{value}")
+        self.print()
+
+    def running_box(self, port: int, storage_dir: str) -> None:
+        """Write the "Storage SCP is running on port N" box."""
+        self.print(RULE)
+        self.print(f"  Storage SCP is running on port {port}")
+        self.print(f"  Storage: {storage_dir}")
+        self.print("  Press Ctrl+C to stop")
+        self.print(RULE)
+        self.print()
+        self.flush()
+
+    def statistics(self, stats: Statistics) -> None:
+        """Write the final statistics block."""
+        server_rows = (
+            ("Total Associations", str(stats.associations)),
+            ("Rejected Associations", str(stats.rejected_associations)),
+            ("Messages Processed", str(stats.messages)),
+            ("Images Received", str(stats.images_received)),
+            ("Bytes Received", format_bytes(stats.bytes_received)),
+            ("Uptime", f"{int(stats.uptime)} seconds"),
+        )
+        storage_rows = (
+            ("Instances Stored", str(stats.instances_stored)),
+            ("Total Size", format_bytes(stats.stored_bytes)),
+            ("Duplicates", str(stats.duplicates)),
+            ("Failures", str(stats.failures)),
+        )
+        self.print()
+        self._section("Server Statistics", server_rows)
+        self._section("Storage Statistics", storage_rows)
+        self.print(RULE)
+        self.flush()
+
+    def _section(self, title: str, rows: tuple[tuple[str, str], ...]) -> None:
+        self.print(RULE)
+        self.print(f"  {title}")
+        self.print(RULE)
+        for label, value in rows:
+            self.print(f"  {label + ':':<{_LABEL_WIDTH + 3}}{value}")
+
+    def event(self, event: Event, *, index_failed: bool = False) -> None:
+        """Write the line of one core event.
+
+        Args:
+            event: The event.
+            index_failed: The event is a C-STORE whose index row could not be committed; the
+                core then answered a failure, and the line says so.
+        """
+        kind = event.kind
+        who = _peer_ae(event.calling_ae, event.peer)
+        if kind == "store":
+            self._store(event, index_failed)
+        elif kind == "assoc_accepted":
+            self.log(
+                f"Association established from: {_clean(event.calling_ae)} -> "
+                f"{_clean(event.called_ae)} ({event.peer})"
+            )
+        elif kind == "assoc_released":
+            self.log(f"Association released: {who}")
+        elif kind == "assoc_aborted":
+            self.log(f"Association aborted: {who}: {_clean(event.reason)}")
+        elif kind == "assoc_rejected":
+            self.log(f"Association rejected: {self._rejected_who(event)}: {_clean(event.reason)}")
+        elif kind == "echo":
+            if not self._quiet:
+                self.log(f"C-ECHO from {who}")
+        else:
+            self.error(f"{_clean(event.reason)} ({who})" if event.peer else _clean(event.reason))
+
+    @staticmethod
+    def _rejected_who(event: Event) -> str:
+        if event.calling_ae or event.called_ae:
+            return f"{_clean(event.calling_ae)} -> {_clean(event.called_ae)} ({event.peer})"
+        return f"({event.peer})"
+
+    def _store(self, event: Event, index_failed: bool) -> None:
+        line = (
+            f"C-STORE from {_clean(event.calling_ae)}: {_clean(event.modality) or '??'} - "
+            f"{_clean(event.patient_name) or 'Unknown'}"
+        )
+        description = _clean(event.study_description)
+        if description:
+            line += f" ({description})"
+        if index_failed:
+            self.error(f"{line} -> failed: index not updated")
+        elif event.outcome == "failed":
+            self.error(f"{line} -> {self._outcome(event)}")
+        elif event.outcome not in _SUCCESS_OUTCOMES:
+            self.log(f"{line} -> {self._outcome(event)}")
+        elif not self._quiet:
+            self.log(line if event.outcome == "stored" else f"{line} -> {event.outcome}")
+
+    @staticmethod
+    def _outcome(event: Event) -> str:
+        text = f"{event.outcome} (0x{event.status:04X})"
+        comment = _clean(event.error_comment)
+        return f"{text}: {comment}" if comment else text
