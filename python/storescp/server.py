@@ -113,7 +113,6 @@ class StorageSCP:
         # holds the lock inside stop() or start().
         self._lock = threading.RLock()
         self._stop_drain: float | None = None
-        self._shutdown_thread: threading.Thread | None = None
         self._loop_started = False
         self._loop_done = threading.Event()
 
@@ -156,7 +155,7 @@ class StorageSCP:
             self._started_at = time.monotonic()
             if self._stop_drain is not None:
                 # stop() was called (a signal) while starting: honour it now.
-                self._begin_shutdown(self._server, self._stop_drain)
+                self._server.shutdown(self._stop_drain)
             return self._server.port
 
     def _open_index(self) -> Index | None:
@@ -168,7 +167,7 @@ class StorageSCP:
         from storescp.index import Index, IndexOpenError
 
         try:
-            index = Index.open(db_path, self.config.storage_dir)
+            index = Index.open(db_path, self.config.storage_dir, fsync=self.config.fsync)
         except IndexOpenError as exc:
             raise StartError(f"cannot open index database {db_path}: {exc}") from exc
         try:
@@ -176,7 +175,7 @@ class StorageSCP:
         except Exception as exc:
             index.close()
             raise StartError(f"cannot reconcile index database {db_path}: {exc}") from exc
-        self._console.log(f"Index reconciled: {report}")
+        self._console.log(f"Index {db_path}: {report}")
         return index
 
     def _start_core(self) -> _core.Server:
@@ -289,29 +288,20 @@ class StorageSCP:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self, drain_timeout: float = DEFAULT_DRAIN_SECONDS) -> None:
-        """Ask the server to stop; returns at once and may be called from a signal handler.
+        """Ask the server to stop; returns at once, so it may be called from a signal handler.
 
         The core stops accepting, lets in-flight C-STOREs finish within `drain_timeout`
-        seconds, then aborts what remains; `serve_forever()` returns once the last events are
-        handled. The core's shutdown runs on a helper thread so that the event loop, which
-        may be the very thread a signal interrupted, keeps acknowledging the C-STOREs that
-        are draining. Calls after the first are ignored; a call before `start()` finishes
-        makes the server stop as soon as it has started.
+        seconds, then aborts what remains; `serve_forever()` keeps acknowledging the draining
+        C-STOREs and returns once the last events are handled. Calls after the first are
+        ignored; a call before `start()` has finished makes the server stop as soon as it has
+        started.
         """
         with self._lock:
             if self._stop_drain is not None:
                 return
             self._stop_drain = drain_timeout
             if self._server is not None:
-                self._begin_shutdown(self._server, drain_timeout)
-
-    def _begin_shutdown(self, server: _core.Server, drain_timeout: float) -> None:
-        if self._shutdown_thread is not None:
-            return
-        self._shutdown_thread = threading.Thread(
-            target=server.shutdown, args=(drain_timeout,), name="storescp-shutdown", daemon=True
-        )
-        self._shutdown_thread.start()
+                self._server.shutdown(drain_timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for `serve_forever()` to return.

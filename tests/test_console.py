@@ -1,0 +1,216 @@
+"""What the operator sees (storescp.console): formats and one line per event."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from storescp.config import ServerConfig
+from storescp.console import Console, format_bytes, timestamp
+from storescp.server import Statistics
+
+NOW = datetime(2024, 1, 2, 3, 4, 5, 678_900)
+STAMP = "[2024-01-02 03:04:05.678] "
+
+
+def make_event(kind: str, **fields: Any) -> Any:
+    base: dict[str, Any] = {
+        "kind": kind,
+        "assoc_id": 1,
+        "peer": "10.0.0.7:40000",
+        "calling_ae": "MODALITY",
+        "called_ae": "MY_PACS",
+        "reason": "",
+        "status": 0,
+        "outcome": "",
+        "error_comment": "",
+        "modality": "CT",
+        "patient_name": "DOE^JOHN",
+        "study_description": "Head",
+        "ack_token": 0,
+    }
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+def make_console(*, quiet: bool = False) -> tuple[Console, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    return Console(out, err, quiet=quiet, clock=lambda: NOW), out, err
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KB"),
+        (1536, "1.50 KB"),
+        (5 * 1024**2, "5.00 MB"),
+        (3 * 1024**3, "3.00 GB"),
+        (2 * 1024**4, "2.00 TB"),
+        (2048 * 1024**4, "2048.00 TB"),
+    ],
+)
+def test_format_bytes(count: int, text: str) -> None:
+    assert format_bytes(count) == text
+
+
+def test_timestamp_has_milliseconds() -> None:
+    assert timestamp(NOW) == "2024-01-02 03:04:05.678"
+
+
+@pytest.mark.parametrize(
+    ("event", "line"),
+    [
+        (
+            make_event("assoc_accepted"),
+            "Association established from: MODALITY -> MY_PACS (10.0.0.7:40000)",
+        ),
+        (make_event("assoc_released"), "Association released: MODALITY (10.0.0.7:40000)"),
+        (
+            make_event("assoc_aborted", reason="peer sent A-ABORT"),
+            "Association aborted: MODALITY (10.0.0.7:40000): peer sent A-ABORT",
+        ),
+        (
+            make_event("assoc_rejected", reason="calling AE not allowed (1/1/3)"),
+            "Association rejected: MODALITY -> MY_PACS (10.0.0.7:40000): "
+            "calling AE not allowed (1/1/3)",
+        ),
+        (
+            make_event("assoc_rejected", calling_ae="", called_ae="", reason="ARTIM timeout"),
+            "Association rejected: (10.0.0.7:40000): ARTIM timeout",
+        ),
+        (make_event("echo"), "C-ECHO from MODALITY (10.0.0.7:40000)"),
+        (
+            make_event("store", outcome="stored"),
+            "C-STORE from MODALITY: CT - DOE^JOHN (Head)",
+        ),
+        (
+            make_event(
+                "store", outcome="stored", modality="", patient_name="", study_description=""
+            ),
+            "C-STORE from MODALITY: ?? - Unknown",
+        ),
+        (
+            make_event("store", outcome="replaced"),
+            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> replaced",
+        ),
+        (
+            make_event("store", outcome="ignored"),
+            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> ignored",
+        ),
+        (
+            make_event("store", outcome="duplicate", status=0x0111, error_comment="already stored"),
+            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> duplicate (0x0111): already stored",
+        ),
+        (
+            make_event("store", outcome="refused", status=0xC000, error_comment="bad UID"),
+            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> refused (0xC000): bad UID",
+        ),
+    ],
+)
+def test_event_lines(event: Any, line: str) -> None:
+    console, out, err = make_console()
+    console.event(event)
+    assert out.getvalue() == STAMP + line + "\n"
+    assert err.getvalue() == ""
+
+
+def test_failures_and_errors_go_to_stderr() -> None:
+    console, out, err = make_console()
+    console.event(make_event("store", outcome="failed", status=0xA700, error_comment="disk full"))
+    console.event(make_event("error", reason="accept failed: too many open files", peer=""))
+    console.event(make_event("store", outcome="stored", ack_token=3), index_failed=True)
+    assert out.getvalue() == ""
+    assert err.getvalue().splitlines() == [
+        STAMP + "Error: C-STORE from MODALITY: CT - DOE^JOHN (Head) -> failed (0xA700): disk full",
+        STAMP + "Error: accept failed: too many open files",
+        STAMP + "Error: C-STORE from MODALITY: CT - DOE^JOHN (Head) -> failed: index not updated",
+    ]
+
+
+def test_quiet_hides_successes_only() -> None:
+    console, out, _err = make_console(quiet=True)
+    console.event(make_event("store", outcome="stored"))
+    console.event(make_event("store", outcome="replaced"))
+    console.event(make_event("echo"))
+    assert out.getvalue() == ""
+    console.event(make_event("store", outcome="duplicate", status=0x0111))
+    console.event(make_event("assoc_released"))
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_peer_text_cannot_forge_lines() -> None:
+    console, out, _err = make_console()
+    console.event(
+        make_event(
+            "store",
+            outcome="stored",
+            patient_name="EVIL\n[2024-01-01 00:00:00.000] fake\x1b[2J",
+            study_description="  padded \0",
+        )
+    )
+    (line,) = out.getvalue().splitlines()
+    assert "EVIL?[2024-01-01 00:00:00.000] fake?[2J" in line
+    assert line.endswith("(padded)")
+
+
+def test_config_block() -> None:
+    console, out, _err = make_console()
+    config = ServerConfig(ae_title="MY_PACS", storage_dir="/data", idle_timeout=0)
+    console.config_block(config, 204)
+    text = out.getvalue()
+    assert "Starting Storage SCP..." in text
+    assert "  AE Title:           MY_PACS\n" in text
+    assert "  Port:               11112\n" in text
+    assert "  Storage Directory:  /data\n" in text
+    assert "  Index Database:     (none)\n" in text
+    assert "  Idle Timeout:       disabled\n" in text
+    assert "  Accepted Classes:   All standard storage classes (204)\n" in text
+    assert "  Fsync:              on\n" in text
+
+    console, out, _err = make_console()
+    limited = ServerConfig(
+        ae_title="MY_PACS", storage_dir="/data", accepted_sop_classes=("1.2.3",), index_db="i.db"
+    )
+    console.config_block(limited, 1)
+    assert "  Accepted Classes:   1 SOP class(es)\n" in out.getvalue()
+    assert "  Index Database:     i.db\n" in out.getvalue()
+
+
+def test_running_box_and_statistics() -> None:
+    console, out, _err = make_console()
+    console.running_box(11112, "/data")
+    assert "  Storage SCP is running on port 11112\n" in out.getvalue()
+    stats = Statistics(
+        associations=3,
+        rejected_associations=1,
+        messages=7,
+        images_received=5,
+        bytes_received=2048,
+        uptime=61.9,
+        instances_stored=4,
+        stored_bytes=1536,
+        duplicates=1,
+        failures=0,
+    )
+    console.statistics(stats)
+    text = out.getvalue()
+    for row in (
+        "  Total Associations:    3",
+        "  Rejected Associations: 1",
+        "  Messages Processed:    7",
+        "  Images Received:       5",
+        "  Bytes Received:        2.00 KB",
+        "  Uptime:                61 seconds",
+        "  Instances Stored:      4",
+        "  Total Size:            1.50 KB",
+        "  Duplicates:            1",
+        "  Failures:              0",
+    ):
+        assert row + "\n" in text
+    assert text.index("Server Statistics") < text.index("Storage Statistics")
