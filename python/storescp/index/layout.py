@@ -1,0 +1,274 @@
+"""What the index reads from the storage root: files, the core's registry and journals.
+
+The core's private area is `ROOT/.storescp/` (see rust/src/store.rs): `sop/<uid>`
+symlinks to the stored file's relative path, `run/<runid>.lock` held with flock by each
+live process, and `journal/<runid>.log` lines "op TAB sop_uid TAB relpath TAB
+replaced_relpath LF" appended before each file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pydicom import dcmread
+
+from storescp.index.model import InstanceRecord, utc_iso_from_timestamp
+
+PRIVATE_DIR = ".storescp"
+
+# Only what a row needs; pydicom then skips parsing every other element.
+_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "Modality",
+    "StudyDate",
+    "StudyDescription",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalLine:
+    """One complete journal line; `end` is the byte offset just after it."""
+
+    op: str
+    sop_instance_uid: str
+    path: str
+    replaced_path: str
+    end: int
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    """The storage root and the parts of the core's private area the index reads.
+
+    `ignored` holds relative paths that are not stored instances although they sit in
+    the tree (the index database and its companions, when kept under the root).
+    """
+
+    root: Path
+    ignored: frozenset[str] = frozenset()
+
+    @property
+    def journal_dir(self) -> Path:
+        """Where the core's journals are."""
+        return self.root / PRIVATE_DIR / "journal"
+
+    def file(self, relpath: str) -> Path:
+        """The absolute path of a stored file."""
+        return self.root / relpath
+
+    def registry(self) -> dict[str, str]:
+        """SOP Instance UID -> relative path, for every registry link (dangling included)."""
+        entries: dict[str, str] = {}
+        for entry in _scandir(self.root / PRIVATE_DIR / "sop"):
+            with suppress(OSError):  # not a link: not the core's, ignore it
+                entries[entry.name] = os.readlink(entry.path)
+        return entries
+
+    def has_registry_entries(self) -> bool:
+        """Whether the core has ever stored an instance under this root."""
+        return any(True for _ in _scandir(self.root / PRIVATE_DIR / "sop"))
+
+    def walk_files(self) -> Iterator[str]:
+        """Relative paths ('/'-separated) of every regular file in the store.
+
+        Entries whose name starts with '.' are skipped at every level: the core's
+        private area and temporary files are hidden, and stored names never start
+        with a dot (they are UIDs and dates).
+        """
+        stack = [self.root]
+        while stack:
+            directory = stack.pop()
+            for entry in _scandir(directory):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    relpath = Path(entry.path).relative_to(self.root).as_posix()
+                    if relpath not in self.ignored:
+                        yield relpath
+
+    def journal_names(self) -> list[str]:
+        """File names of the journals present, sorted (oldest run first)."""
+        return sorted(e.name for e in _scandir(self.journal_dir) if e.name.endswith(".log"))
+
+    def live_runs(self) -> list[str]:
+        """Run ids of the storescp processes running on this store now."""
+        live = []
+        for entry in _scandir(self.root / PRIVATE_DIR / "run"):
+            if not entry.name.endswith(".lock"):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_WRONLY)
+            except FileNotFoundError:  # removed meanwhile: that run is gone
+                continue
+            try:
+                if not _try_lock(fd):
+                    live.append(entry.name.removesuffix(".lock"))
+            finally:
+                os.close(fd)  # releases a probe lock taken on a dead run's file
+        return sorted(live)
+
+    @contextmanager
+    def claim_if_dead(self, journal: str) -> Iterator[bool]:
+        """Yields whether the process that wrote `journal` is gone.
+
+        While the block runs with True, this process holds the dead run's lock, so the
+        run cannot be mistaken for alive by anyone else; the lock file is removed at the
+        end of such a block. A run without a lock file is gone (the core removes lock
+        files of dead runs when it sweeps temporaries).
+        """
+        run_id = journal.removesuffix(".log")
+        lock_path = self.root / PRIVATE_DIR / "run" / f"{run_id}.lock"
+        try:
+            fd = os.open(lock_path, os.O_WRONLY)
+        except FileNotFoundError:
+            yield True
+            return
+        try:
+            if not _try_lock(fd):
+                yield False
+                return
+            yield True
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of a directory; none when it does not exist (nothing stored yet)."""
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except FileNotFoundError:
+        return []
+
+
+def is_safe_relpath(relpath: str) -> bool:
+    """Whether a path read from a journal stays inside the store, outside the private area.
+
+    Journals are ours, but a damaged one must not make the index touch other files.
+    """
+    parts = PurePosixPath(relpath).parts
+    return (
+        bool(parts)
+        and not relpath.startswith("/")
+        and ".." not in parts
+        and not any(p.startswith(".") for p in parts)
+    )
+
+
+def read_journal(path: Path, start: int) -> list[JournalLine]:
+    """The complete, well-formed lines of a journal from byte offset `start`.
+
+    A last line without its newline is skipped: the core writes a line before
+    renaming its file, so a torn line means that file never reached its final name.
+    Malformed lines (damage) are skipped too; their files are found by `verify`.
+    """
+    with path.open("rb") as f:
+        f.seek(start)
+        data = f.read()
+    lines: list[JournalLine] = []
+    offset = start
+    for raw in data.split(b"\n")[:-1]:
+        offset += len(raw) + 1
+        line = _parse_line(raw, offset)
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
+def _parse_line(raw: bytes, end: int) -> JournalLine | None:
+    try:
+        fields = raw.decode("utf-8").split("\t")
+    except UnicodeDecodeError:
+        return None
+    if len(fields) != 4 or fields[0] not in ("stored", "replaced"):
+        return None
+    op, sop_uid, relpath, replaced = fields
+    if not sop_uid or not is_safe_relpath(relpath):
+        return None
+    if replaced and not is_safe_relpath(replaced):
+        replaced = ""
+    return JournalLine(op, sop_uid, relpath, replaced, end)
+
+
+def read_instance(root: Path, relpath: str) -> InstanceRecord:
+    """Reads a stored file's header into a record.
+
+    The transfer syntax and the calling AE come from the file meta (the core writes the
+    negotiated syntax and Source AE = calling AE); received_at is the file's mtime,
+    the moment it was renamed into place.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file has no SOP Instance UID.
+        Exception: whatever pydicom raises on a file it cannot parse
+            (InvalidDicomError for one that is not DICOM at all).
+    """
+    path = root / relpath
+    stat = path.stat()
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+    meta = ds.file_meta
+    sop_uid = str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
+    if not sop_uid:
+        raise ValueError(f"{relpath}: no SOP Instance UID")
+    return InstanceRecord(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        patient_name=str(ds.get("PatientName", "")),
+        study_date=str(ds.get("StudyDate", "")),
+        study_description=str(ds.get("StudyDescription", "")),
+        modality=str(ds.get("Modality", "")),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
+        path=relpath,
+        file_size=stat.st_size,
+        calling_ae=str(meta.get("SourceApplicationEntityTitle", "")).strip(),
+        received_at=utc_iso_from_timestamp(stat.st_mtime),
+    )
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a worker made of a chunk of files: records, and the paths it could not read."""
+
+    records: list[InstanceRecord]
+    unreadable: list[tuple[str, str]]
+
+
+def read_chunk(root: Path, relpaths: Sequence[str]) -> ChunkResult:
+    """Reads many headers (a unit of work for a process pool; picklable in and out)."""
+    records: list[InstanceRecord] = []
+    unreadable: list[tuple[str, str]] = []
+    for relpath in relpaths:
+        try:
+            records.append(read_instance(root, relpath))
+        # A damaged file must not stop a rebuild; pydicom raises many exception types
+        # on corrupt input, so it is reported instead, whatever went wrong.
+        except Exception as exc:
+            unreadable.append((relpath, f"{type(exc).__name__}: {exc}"))
+    return ChunkResult(records, unreadable)
