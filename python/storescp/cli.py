@@ -7,13 +7,14 @@ status for usage errors (2) never escapes `main`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import sys
 import textwrap
 from collections.abc import Sequence
 from types import FrameType
-from typing import Final
+from typing import Final, NoReturn
 
 import click
 
@@ -197,7 +198,7 @@ def command(
     return run(config, drain)
 
 
-def run(config: ServerConfig, drain_timeout: float, console: Console | None = None) -> int:
+def run(config: ServerConfig, drain_timeout: float) -> int:
     """Run a server in the foreground until a signal stops it.
 
     Prints the banner, the configuration and the running box, serves, and prints the
@@ -209,7 +210,7 @@ def run(config: ServerConfig, drain_timeout: float, console: Console | None = No
     Raises:
         StartError: When the server cannot start.
     """
-    out = console if console is not None else Console(quiet=config.quiet)
+    out = Console(quiet=config.quiet)
     accepted = policy.accepted_sop_classes(config.accepted_sop_classes)
     out.banner()
     out.config_block(config, len(accepted))
@@ -229,9 +230,12 @@ def _install_signal_handlers(scp: StorageSCP, console: Console, drain_timeout: f
     """Make SIGINT, SIGTERM and SIGHUP stop the server gracefully (SPEC.md section 2)."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
-        console.print(f"\nReceived {signal.Signals(signum).name}, shutting down...")
-        console.flush()
         scp.stop(drain_timeout)
+        # A signal that lands while the main thread is inside a write to the same stream
+        # makes this nested write raise; the notice is then lost, never the stop.
+        with contextlib.suppress(RuntimeError):
+            console.print(f"\nReceived {signal.Signals(signum).name}, shutting down...")
+            console.flush()
 
     for name in _SIGNALS:
         number = getattr(signal, name, None)  # SIGHUP does not exist on Windows
@@ -239,7 +243,7 @@ def _install_signal_handlers(scp: StorageSCP, console: Console, drain_timeout: f
             signal.signal(number, handle)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of ``storescp``, ``store_scp`` and ``python -m storescp``; exits.
 
     Exit status 0 after a normal run or ``--help``; 1 with one ``Error: ...`` line on stderr
@@ -263,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     sys.stdout.flush()
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(1)

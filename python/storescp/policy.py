@@ -42,8 +42,8 @@ _NOT_NETWORK_SYNTAXES: Final = frozenset(
     }
 )
 
-# Uncompressed syntaxes first, in this order; when a peer proposes several in one context the
-# core picks the first of ours, and an uncompressed encoding is what every reader can open.
+# Our order of preference (CoreConfig.transfer_syntaxes) starts with the uncompressed
+# syntaxes, in this order: an uncompressed encoding is what every reader can open.
 _PREFERRED_SYNTAXES: Final = (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,

@@ -143,7 +143,12 @@ class StorageSCP:
             # without loading the extension.
             from storescp import _core
 
-            removed = _core.sweep_temporaries(storage_dir)
+            try:
+                removed = _core.sweep_temporaries(storage_dir)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot remove temporary files in {storage_dir}: {_reason(exc)}"
+                ) from exc
             if removed:
                 self._console.log(f"Removed {removed} temporary file(s) left by a stopped run")
             self._index = self._open_index()
@@ -181,32 +186,40 @@ class StorageSCP:
     def _start_core(self) -> _core.Server:
         from storescp import _core
 
-        config = self.config
-        core_config = _core.CoreConfig(
-            ae_title=config.ae_title,
-            storage_dir=config.storage_dir,
-            bind=config.bind,
-            port=config.port,
-            naming=config.naming,
-            duplicate=config.duplicate,
-            accepted_sop_classes=list(policy.accepted_sop_classes(config.accepted_sop_classes)),
-            transfer_syntaxes=list(policy.TRANSFER_SYNTAXES),
-            max_assoc=config.max_assoc,
-            idle_timeout=config.idle_timeout,
-            artim_timeout=config.effective_artim_timeout,
-            max_pdu=config.max_pdu,
-            fsync=config.fsync,
-            called_ae_check=config.require_called_ae,
-            allowed_calling=list(config.allowed_calling),
-            journal=self._index is not None,
-        )
-        server = _core.Server(core_config)
+        server = _core.Server(self._core_config())
         try:
             server.start()
         except OSError as exc:
-            where = _host_port(config.bind, config.port)
+            where = _host_port(self.config.bind, self.config.port)
             raise StartError(f"cannot listen on {where}: {_reason(exc)}") from exc
         return server
+
+    def _core_config(self) -> _core.CoreConfig:
+        """The one flat configuration the core gets: every policy decided here, as data."""
+        from storescp import _core
+
+        config = self.config
+        try:
+            return _core.CoreConfig(
+                ae_title=config.ae_title,
+                storage_dir=config.storage_dir,
+                bind=config.bind,
+                port=config.port,
+                naming=config.naming,
+                duplicate=config.duplicate,
+                accepted_sop_classes=list(policy.accepted_sop_classes(config.accepted_sop_classes)),
+                transfer_syntaxes=list(policy.TRANSFER_SYNTAXES),
+                max_assoc=config.max_assoc,
+                idle_timeout=config.idle_timeout,
+                artim_timeout=config.effective_artim_timeout,
+                max_pdu=config.max_pdu,
+                fsync=config.fsync,
+                called_ae_check=config.require_called_ae,
+                allowed_calling=list(config.allowed_calling),
+                journal=self._index is not None,
+            )
+        except ValueError as exc:  # ServerConfig checks more than the core: a bug if reached
+            raise StartError(f"the core refused the configuration: {exc}") from exc
 
     # -- run ---------------------------------------------------------------------------------
 
