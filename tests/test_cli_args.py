@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import storescp
 
 # The subprocess must import the same storescp as this test process.

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from storescp.config import ServerConfig
 from storescp.console import Console, format_bytes, timestamp
 from storescp.server import Statistics

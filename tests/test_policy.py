@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from pydicom._uid_dict import UID_dictionary
-
 from storescp.config import ConfigError, is_valid_uid
 from storescp.policy import (
     EXPLICIT_VR_LITTLE_ENDIAN,

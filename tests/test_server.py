@@ -16,7 +16,6 @@ pynetdicom = pytest.importorskip("pynetdicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom.sop_class import Verification  # noqa: E402
-
 from storescp import ServerConfig, StartError, StorageSCP  # noqa: E402
 from storescp.console import Console  # noqa: E402
 
