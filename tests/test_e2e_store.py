@@ -1,0 +1,434 @@
+"""End to end: real peers (dcmtk storescu/echoscu, pynetdicom) store into a real server
+process, and the files on disk are checked byte for byte (SPEC.md sections 3 and 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import subprocess
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom.config
+import pytest
+from conftest import (
+    DCMDUMP,
+    RunningServer,
+    data_set_bytes,
+    echoscu,
+    make_dataset,
+    storescu,
+    write_part10,
+)
+from dicom_raw import VERIFICATION, Context, RawAssociation
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
+from pynetdicom import AE, _config, evt
+
+pytest.importorskip("storescp._core", reason="the Rust core is not built")
+
+ServerFactory = Callable[..., RunningServer]
+
+IMPLEMENTATION_CLASS_UID = "2.25.170282023813347804915073355187678686180"
+ROOT = "1.2.826.0.1.3680043.9.7.20"
+ENCAPSULATED = {JPEGBaseline8Bit, JPEG2000Lossless, JPEG2000, JPEGLosslessSV1, RLELossless}
+
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def rle_frame(pixels: bytes) -> bytes:
+    """One RLE Lossless frame (PS3.5 G): header with one segment of literal runs."""
+    segment = b""
+    for i in range(0, len(pixels), 128):
+        run = pixels[i : i + 128]
+        segment += bytes([len(run) - 1]) + run
+    if len(segment) % 2:
+        segment += b"\0"
+    return struct.pack("<16I", 1, 64, *([0] * 14)) + segment
+
+
+def encapsulated_dataset(sop_uid: str, transfer_syntax: str, frames: int = 2) -> Dataset:
+    """An 8-bit image whose Pixel Data is encapsulated (fragments need not be real codestreams:
+    the server stores pixels as received)."""
+    ds = make_dataset(sop_uid)
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.Rows = 4
+    ds.Columns = 4
+    ds.NumberOfFrames = frames
+    if transfer_syntax == RLELossless:
+        items = [rle_frame(bytes((f * 16 + i) & 0xFF for i in range(16))) for f in range(frames)]
+    else:
+        items = [b"\xff\xd8" + bytes([f]) * (31 + f) + b"\xff\xd9" for f in range(frames)]
+    ds.PixelData = encapsulate(items)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def dataset_for(sop_uid: str, transfer_syntax: str, **kwargs: object) -> Dataset:
+    """A data set fit for `transfer_syntax` (encapsulated pixels for compressed ones)."""
+    if transfer_syntax in ENCAPSULATED:
+        return encapsulated_dataset(sop_uid, transfer_syntax)
+    return make_dataset(sop_uid, **kwargs)  # type: ignore[arg-type]
+
+
+def dcmdump_ok(path: Path) -> str:
+    """dcmdump's output for `path`, asserting it parses the whole file."""
+    result = subprocess.run(
+        [DCMDUMP, "-M", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "E:" not in result.stderr, result.stderr
+    return result.stdout
+
+
+def assert_part10(
+    stored: Path,
+    *,
+    sent: bytes,
+    transfer_syntax: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    calling_ae: str,
+) -> None:
+    """The stored file is a valid Part 10 file with our meta and exactly `sent` after it."""
+    raw = stored.read_bytes()
+    assert len(raw) > 132 and raw[128:132] == b"DICM"
+    dump = dcmdump_ok(stored)
+    assert "(0002,0010)" in dump
+    meta = read_file_meta_info(stored)
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.MediaStorageSOPClassUID == sop_class_uid
+    assert meta.MediaStorageSOPInstanceUID == sop_instance_uid
+    assert meta.TransferSyntaxUID == transfer_syntax
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert str(meta.get("ImplementationVersionName", "")).strip()
+    assert meta.SourceApplicationEntityTitle.strip() == calling_ae
+    got = data_set_bytes(stored)
+    assert len(got) == len(sent)
+    assert got == sent
+
+
+def hierarchical_path(server: RunningServer, ds: Dataset) -> Path:
+    return server.storage / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+
+
+@contextmanager
+def association(
+    port: int,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    *,
+    ae_title: str = "PYSCU",
+    called: str = "STORESCP",
+    handlers: Sequence[tuple[object, Callable[..., object]]] = (),
+) -> Iterator[object]:
+    """A pynetdicom association (asserted established), released or aborted at exit."""
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = 10
+    ae.dimse_timeout = 30
+    ae.network_timeout = 10
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=list(handlers))
+    assert assoc.is_established, "association not established"
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        if assoc.is_alive():
+            assoc.abort()
+        ae.shutdown()
+
+
+@pytest.fixture
+def send_files_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pynetdicom sends a file's data set bytes as they are in the file (no re-encoding)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+# -- dcmtk storescu --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("transfer_syntax", "options"),
+    [
+        pytest.param(ImplicitVRLittleEndian, ["-xi"], id="implicit-le"),
+        pytest.param(ExplicitVRLittleEndian, ["-xe"], id="explicit-le"),
+        pytest.param(ExplicitVRBigEndian, ["-xb"], id="explicit-be"),
+        pytest.param(DeflatedExplicitVRLittleEndian, ["-xd"], id="deflated"),
+        pytest.param(JPEGBaseline8Bit, ["-xy"], id="jpeg-baseline"),
+        pytest.param(JPEG2000Lossless, ["-xv"], id="jpeg2000-lossless"),
+        pytest.param(RLELossless, ["-xr"], id="rle"),
+        pytest.param(ExplicitVRLittleEndian, ["--max-send-pdu", "4096"], id="max-send-pdu-4096"),
+        pytest.param(ExplicitVRLittleEndian, [], id="storescu-default"),
+    ],
+)
+def test_storescu_stores_bit_exact(
+    server: RunningServer, tmp_path: Path, transfer_syntax: str, options: list[str]
+) -> None:
+    """Each transfer syntax storescu negotiates is stored as a Part 10 file in that syntax,
+    with our file meta and the data set exactly as sent."""
+    uid = f"{ROOT}.1.{zlib.crc32(repr((transfer_syntax, options)).encode())}"
+    ds = dataset_for(uid, transfer_syntax, pixel_bytes=8192)
+    source = write_part10(ds, tmp_path / "in" / "a.dcm", transfer_syntax)
+    result = storescu(server.port, source, args=["-v", "-aet", "MODALITY1", *options], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Received Store Response (Success)" in result.stderr
+    stored = hierarchical_path(server, ds)
+    assert server.files() == [stored]
+    assert_part10(
+        stored,
+        sent=data_set_bytes(source),
+        transfer_syntax=transfer_syntax,
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=uid,
+        calling_ae="MODALITY1",
+    )
+
+
+def test_storescu_scans_a_directory_tree(server: RunningServer, tmp_path: Path) -> None:
+    """`storescu +sd +r DIR` sends every file of a nested tree in one association; each is
+    stored under its own study/series with its bytes intact."""
+    sources: list[tuple[Path, Dataset]] = []
+    for i in range(6):
+        sop_class, modality = (
+            (CTImageStorage, "CT"),
+            (MRImageStorage, "MR"),
+            (SecondaryCaptureImageStorage, "OT"),
+        )[i % 3]
+        ds = make_dataset(
+            f"{ROOT}.2.{i}",
+            study_uid=f"{ROOT}.2.100.{i % 2}",
+            series_uid=f"{ROOT}.2.200.{i % 3}",
+            sop_class_uid=sop_class,
+            modality=modality,
+            pixel_bytes=256 * (i + 1),
+        )
+        path = write_part10(ds, tmp_path / "in" / f"d{i % 2}" / f"s{i}" / f"f{i}.dcm")
+        sources.append((path, ds))
+    result = storescu(server.port, tmp_path / "in", args=["-v", "+sd", "+r", "-xe"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Received Store Response (Success)") == 6
+    assert sorted(server.files()) == sorted(hierarchical_path(server, ds) for _, ds in sources)
+    for path, ds in sources:
+        assert_part10(
+            hierarchical_path(server, ds),
+            sent=data_set_bytes(path),
+            transfer_syntax=ExplicitVRLittleEndian,
+            sop_class_uid=ds.SOPClassUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            calling_ae="STORESCU",
+        )
+
+
+@pytest.fixture(scope="session")
+def big_multiframe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
+    """A multi-frame CT of more than 50 MiB, made once per session."""
+    uid = f"{ROOT}.3.1"
+    ds = make_dataset(uid, pixel_bytes=2)
+    ds.Rows = 512
+    ds.Columns = 512
+    ds.NumberOfFrames = 101
+    size = 512 * 512 * 2 * 101
+    ds.PixelData = random.Random(7).randbytes(size)
+    path = write_part10(ds, tmp_path_factory.mktemp("big") / "big.dcm")
+    assert path.stat().st_size > 50 * 1024 * 1024
+    return path, ds
+
+
+def test_storescu_sends_a_multiframe_over_50_mib(
+    server_factory: ServerFactory, big_multiframe: tuple[Path, Dataset]
+) -> None:
+    """A > 50 MiB instance arrives whole: same data set hash, file meta intact."""
+    source, ds = big_multiframe
+    server = server_factory(["--no-fsync"])
+    result = storescu(server.port, source, args=["-xe", "-aet", "BIGSENDER"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    stored = hierarchical_path(server, ds)
+    assert server.files() == [stored]
+    assert (
+        hashlib.sha256(data_set_bytes(stored)).hexdigest()
+        == hashlib.sha256(data_set_bytes(source)).hexdigest()
+    )
+    meta = read_file_meta_info(stored)
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert meta.SourceApplicationEntityTitle.strip() == "BIGSENDER"
+
+
+# -- pynetdicom ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [
+        ImplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        DeflatedExplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        JPEG2000,
+        RLELossless,
+    ],
+    ids=lambda ts: ts.name,
+)
+@pytest.mark.usefixtures("send_files_raw")
+def test_pynetdicom_stores_each_transfer_syntax(
+    server: RunningServer, tmp_path: Path, transfer_syntax: str
+) -> None:
+    """pynetdicom proposing exactly one transfer syntax: the file carries it, the data set
+    bytes are the ones pynetdicom put on the wire."""
+    uid = f"{ROOT}.4.{ENCODINGS.index(transfer_syntax)}"
+    ds = dataset_for(uid, transfer_syntax, pixel_bytes=4096)
+    source = write_part10(ds, tmp_path / "in" / "p.dcm", transfer_syntax)
+    with association(server.port, [(CTImageStorage, [transfer_syntax])]) as assoc:
+        status = assoc.send_c_store(source)  # type: ignore[attr-defined]
+        assert status.Status == 0x0000
+    assert_part10(
+        hierarchical_path(server, ds),
+        sent=data_set_bytes(source),
+        transfer_syntax=transfer_syntax,
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=uid,
+        calling_ae="PYSCU",
+    )
+
+
+ENCODINGS = [
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEG2000,
+    RLELossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+]
+
+
+@pytest.mark.parametrize("order", ["compressed-first", "uncompressed-first", "unknown-first"])
+@pytest.mark.usefixtures("send_files_raw")
+def test_pynetdicom_many_transfer_syntaxes_in_one_context(
+    server: RunningServer, tmp_path: Path, order: str
+) -> None:
+    """One context proposing many syntaxes (an unknown one included) is accepted with one of
+    the proposed known syntaxes; an instance encoded in it is stored in it, bit-exact."""
+    syntaxes = [
+        JPEG2000Lossless,
+        RLELossless,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRBigEndian,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ]
+    if order == "uncompressed-first":
+        syntaxes.reverse()
+    elif order == "unknown-first":
+        syntaxes.insert(0, "1.2.826.0.1.3680043.9.7.20.999")
+    with association(server.port, [(CTImageStorage, syntaxes)]) as assoc:
+        (context,) = assoc.accepted_contexts  # type: ignore[attr-defined]
+        chosen = context.transfer_syntax[0]
+        assert chosen in syntaxes[1:] if order == "unknown-first" else chosen in syntaxes
+        uid = f"{ROOT}.5.{['compressed-first', 'uncompressed-first', 'unknown-first'].index(order)}"
+        ds = dataset_for(uid, chosen)
+        source = write_part10(ds, tmp_path / "in" / "m.dcm", chosen)
+        assert assoc.send_c_store(source).Status == 0x0000  # type: ignore[attr-defined]
+    assert_part10(
+        hierarchical_path(server, ds),
+        sent=data_set_bytes(source),
+        transfer_syntax=chosen,
+        sop_class_uid=CTImageStorage,
+        sop_instance_uid=uid,
+        calling_ae="PYSCU",
+    )
+
+
+def test_negotiation_results_per_context(server_factory: ServerFactory) -> None:
+    """Context results: an unknown abstract syntax gets 3, only unknown transfer syntaxes
+    get 4, the rest are accepted with a proposed syntax."""
+    server = server_factory(["--accept", "CT"])
+    bogus_ts = "1.2.826.0.1.3680043.9.7.20.998"
+    with RawAssociation.connect(server.port) as raw:
+        ac = raw.associate(
+            "STORESCP",
+            "RAWSCU",
+            [
+                Context(1, CTImageStorage, [ExplicitVRLittleEndian]),
+                Context(3, MRImageStorage, [ExplicitVRLittleEndian]),  # not accepted: CT only
+                Context(5, CTImageStorage, [bogus_ts]),
+                Context(7, "1.2.826.0.1.3680043.9.7.20.997", [ImplicitVRLittleEndian]),
+                Context(9, VERIFICATION, [ImplicitVRLittleEndian]),
+                Context(11, CTImageStorage, [bogus_ts, ImplicitVRLittleEndian]),
+            ],
+        )
+        assert ac.results[1] == (0, ExplicitVRLittleEndian)
+        assert ac.results[3][0] == 3
+        assert ac.results[5][0] == 4
+        assert ac.results[7][0] == 3
+        assert ac.results[9] == (0, ImplicitVRLittleEndian)
+        assert ac.results[11] == (0, ImplicitVRLittleEndian)
+        assert ac.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        raw.release()
+
+
+# -- C-ECHO ----------------------------------------------------------------------------------
+
+
+def test_echoscu(server: RunningServer) -> None:
+    """dcmtk echoscu gets a successful C-ECHO, and the server logs it."""
+    result = echoscu(server.port, ["-v", "-aet", "ECHOER", "-aec", "STORESCP"])
+    assert result.returncode == 0, result.stderr
+    assert "Received Echo Response (Success)" in result.stderr
+    assert server.stop() == 0
+    assert "C-ECHO from ECHOER" in server.log()
+
+
+def test_pynetdicom_echo_echoes_message_id(server: RunningServer) -> None:
+    """C-ECHO-RSP carries status 0000 and the request's Message ID, for several IDs on one
+    association (pynetdicom and a raw peer)."""
+    seen: list[tuple[int, int]] = []
+
+    def on_recv(event: evt.Event) -> None:
+        cs = event.message.command_set  # type: ignore[attr-defined]
+        seen.append((int(cs.MessageIDBeingRespondedTo), int(cs.Status)))
+
+    with association(
+        server.port,
+        [(VERIFICATION, [ImplicitVRLittleEndian])],
+        handlers=[(evt.EVT_DIMSE_RECV, on_recv)],
+    ) as assoc:
+        for mid in (1, 4242, 65535):
+            assert assoc.send_c_echo(msg_id=mid).Status == 0x0000  # type: ignore[attr-defined]
+    assert seen == [(1, 0), (4242, 0), (65535, 0)]
+
+    with RawAssociation.connect(server.port) as raw:
+        raw.associate("STORESCP", "RAWSCU", [Context(1, VERIFICATION)])
+        for mid in (0, 7, 31337):
+            rsp = raw.c_echo(1, mid)
+            assert (rsp.command_field, rsp.message_id_responded, rsp.status) == (0x8030, mid, 0)
+        raw.release()
