@@ -8,7 +8,14 @@
 //! - fsync latency: for a new 4 KB file, `fsync` of the file, then `rename` and `fsync` of
 //!   its directory (the durable-store sequence), each timed, run one file at a time.
 //!
-//! Before every disk measurement `sync` is run, untimed, so that earlier dirty pages are not
+//! File creation is slow for a while after many files were deleted on an ext4 without a
+//! journal (the allocator skips inodes deleted in the last 60 s, 360 s while their inode
+//! table block is dirty: `recently_deleted()` in fs/ext4/ialloc.c), so `--no-cleanup` leaves
+//! the small files in place for the caller to remove after the last measurement, and
+//! measurements should start at least a minute after a mass deletion and a `sync`.
+//!
+//! One untimed page-cache write of the same size comes first (warm guest memory). Before
+//! every disk measurement `sync` is run, untimed, so that earlier dirty pages are not
 //! written back during it. Files are created under `--dir` (use the disk the server writes
 //! to, never tmpfs) and removed afterwards.
 
@@ -25,6 +32,7 @@ struct Options {
     dir: PathBuf,
     scale: f64,
     json: bool,
+    cleanup: bool,
 }
 
 fn parse(argv: &[String]) -> Result<Options, String> {
@@ -32,6 +40,7 @@ fn parse(argv: &[String]) -> Result<Options, String> {
         dir: PathBuf::new(),
         scale: 1.0,
         json: false,
+        cleanup: true,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -48,6 +57,7 @@ fn parse(argv: &[String]) -> Result<Options, String> {
                     .ok_or_else(|| format!("--scale: not a positive number: {text}"))?;
             }
             "--json" => options.json = true,
+            "--no-cleanup" => options.cleanup = false,
             other => return Err(format!("ceilings: unknown argument: {other}")),
         }
     }
@@ -140,7 +150,7 @@ fn sequential_write(dir: &Path, total: usize, datasync: bool) -> Result<f64, Str
 }
 
 /// Files per second of create (temporary name) + write + close + rename into one directory.
-fn create_rename(dir: &Path, size: usize, count: usize) -> Result<f64, String> {
+fn create_rename(dir: &Path, size: usize, count: usize, cleanup: bool) -> Result<f64, String> {
     sync_all_disks();
     let sub = dir.join(format!("ceiling-create-{size}"));
     if sub.exists() {
@@ -162,13 +172,15 @@ fn create_rename(dir: &Path, size: usize, count: usize) -> Result<f64, String> {
         fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    if cleanup {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
     Ok(count as f64 / seconds)
 }
 
 /// Median and 90th percentile of (file fsync, directory fsync, whole durable store) in
 /// milliseconds, and durable 4 KB files per second one at a time.
-fn fsync_latency(dir: &Path, count: usize) -> Result<([f64; 6], f64), String> {
+fn fsync_latency(dir: &Path, count: usize, cleanup: bool) -> Result<([f64; 6], f64), String> {
     sync_all_disks();
     let sub = dir.join("ceiling-fsync");
     if sub.exists() {
@@ -205,7 +217,9 @@ fn fsync_latency(dir: &Path, count: usize) -> Result<([f64; 6], f64), String> {
     }
     let per_second = count as f64 / started.elapsed().as_secs_f64();
     drop(directory);
-    fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    if cleanup {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
     let pick = |v: &mut Vec<f64>, p: f64| {
         v.sort_by(f64::total_cmp);
         let rank = ((v.len() - 1) as f64 * p).round() as usize;
@@ -229,12 +243,17 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let options = parse(argv)?;
     fs::create_dir_all(&options.dir).map_err(|e| err("mkdir", &options.dir, e))?;
     let s = options.scale;
+    // Untimed: the first write into never-touched guest memory is much slower than steady
+    // state on a virtual machine (pages faulted in from the host); every benchmark run after
+    // the first sees warm memory, so the ceilings should too.
+    sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
     let tcp = tcp_loopback(scaled(4096, s) * MIB)?;
     let page_cache = sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
     let datasync = sequential_write(&options.dir, scaled(1024, s) * MIB, true)?;
-    let small_files = create_rename(&options.dir, 4096, scaled(20000, s))?;
-    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s))?;
-    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s))?;
+    let keep = options.cleanup;
+    let small_files = create_rename(&options.dir, 4096, scaled(20000, s), keep)?;
+    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), keep)?;
+    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), keep)?;
     sync_all_disks();
     let rows: [(&str, f64, &str); 12] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),

@@ -23,7 +23,7 @@ use sender::{Context, Message, Outcome, Params};
 
 const USAGE: &str = "\
 usage: storescp-loadgen --port P --files PATH [--files PATH ...] [options]
-       storescp-loadgen ceilings --dir DIR [--scale F] [--json]
+       storescp-loadgen ceilings --dir DIR [--scale F] [--json] [--no-cleanup]
 
 Sends every instance once (times --repeat) as C-STORE-RQ, the data set bytes unchanged.
 
