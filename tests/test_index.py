@@ -345,6 +345,28 @@ def test_a_new_index_over_a_full_store_is_rebuilt(db: Path, root: Path) -> None:
     assert len(rows(db)) == len(stored)
 
 
+def test_a_long_journal_is_replayed_in_chunks(index: Index, root: Path, db: Path) -> None:
+    stored = [store_file(root, event(f"1.2.26.{i}")) for i in range(300)]
+    write_journal(root, RUN, [journal_line("stored", e.sop_instance_uid, e.path) for e in stored])
+    report = index.reconcile()
+    assert (report.rows_added, report.rows_updated) == (300, 0)
+    assert len(rows(db)) == 300
+
+
+def test_a_rebuild_at_start_removes_dead_journals_unread(db: Path, root: Path) -> None:
+    ev = store_file(root, event("1.2.27.1"))
+    write_journal(root, RUN, [journal_line("stored", ev.sop_instance_uid, ev.path)])
+    with live_run(root, "1-1"):
+        write_journal(root, "1-1", [journal_line("stored", "1.2.27.2", "x/y/1.2.27.2.dcm")])
+        with Index.open(db, root) as index:
+            report = index.reconcile()
+    assert report.rebuild is not None
+    assert (report.journals_replayed, report.journals_live, report.rows_added) == (1, 1, 0)
+    assert not journal_path(root, RUN).exists()
+    assert journal_path(root, "1-1").exists()
+    assert rows(db) == [(ev.sop_instance_uid, ev.path)]
+
+
 def test_a_new_index_over_an_empty_store_is_not_rebuilt(index: Index) -> None:
     assert index.reconcile().rebuild is None
 
@@ -438,9 +460,14 @@ def test_rebuild_refuses_while_storescp_runs_on_the_store(index: Index, root: Pa
         assert index.rebuild(allow_live=True).rows == 1
 
 
-def test_storage_operations_need_a_storage_dir(db: Path) -> None:
+def test_storage_operations_need_a_storage_dir(db: Path, tmp_path: Path) -> None:
     with Index.open(db) as index, pytest.raises(ValueError, match="storage"):
         index.verify()
+    with Index.open(db, tmp_path / "nowhere") as index:
+        index.record([event("1.2.28.1")])
+        with pytest.raises(FileNotFoundError):
+            index.rebuild()  # would otherwise empty the index
+        assert index.totals().instances == 1
 
 
 # --- queries -------------------------------------------------------------------------

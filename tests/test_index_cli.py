@@ -169,6 +169,7 @@ def test_rebuild_progress_and_json(tmp_path: Path, root: Path, db: Path) -> None
         (["--db", "{missing}", "totals"], "does not exist"),
         (["--db", "{garbage}", "totals"], "cannot"),
         (["--db", "{bare}", "verify"], "--storage-dir is required"),
+        (["--db", "{db}", "--storage-dir", "{missing}", "rebuild"], "does not exist"),
     ],
 )
 def test_errors_exit_1(tmp_path: Path, db: Path, args: list[str], message: str) -> None:

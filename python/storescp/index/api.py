@@ -124,6 +124,7 @@ class Index:
 
         Raises:
             ValueError: no storage directory is known.
+            FileNotFoundError: the storage directory does not exist.
             OSError, sqlite3.Error: the store or the database failed; what was done
                 stays done, and the next reconciliation resumes.
         """
@@ -141,6 +142,7 @@ class Index:
 
         Raises:
             ValueError: no storage directory is known.
+            FileNotFoundError: the storage directory does not exist.
         """
         with self._lock:
             return maintenance.verify(self._conn, self._layout())
@@ -162,6 +164,7 @@ class Index:
 
         Raises:
             ValueError: no storage directory is known.
+            FileNotFoundError: the storage directory does not exist.
             StoreBusyError: a storescp process runs on this store (without allow_live).
         """
         layout = self._layout()
@@ -214,6 +217,9 @@ class Index:
     def _layout(self) -> StorageLayout:
         if self._storage_dir is None:
             raise ValueError("no storage directory: pass storage_dir to Index.open")
+        if not self._storage_dir.is_dir():
+            # Never compare with (or rebuild from) nothing: a wrong path would wipe rows.
+            raise FileNotFoundError(f"storage directory {self._storage_dir} does not exist")
         return StorageLayout(self._storage_dir, _database_files(self._db_path, self._storage_dir))
 
 

@@ -38,13 +38,12 @@ _TAGS = [
 
 @dataclass(frozen=True, slots=True)
 class JournalLine:
-    """One complete journal line; `end` is the byte offset just after it."""
+    """One complete journal line: op is "stored" or "replaced"; paths are relative."""
 
     op: str
     sop_instance_uid: str
     path: str
     replaced_path: str
-    end: int
 
 
 @dataclass(frozen=True)
@@ -179,8 +178,9 @@ def is_safe_relpath(relpath: str) -> bool:
     )
 
 
-def read_journal(path: Path, start: int) -> list[JournalLine]:
-    """The complete, well-formed lines of a journal from byte offset `start`.
+def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
+    """The complete, well-formed lines of a journal from byte offset `start`, streamed
+    (a journal covers a whole run and may be large; only its tail is read).
 
     A last line without its newline is skipped: the core writes a line before
     renaming its file, so a torn line means that file never reached its final name.
@@ -188,18 +188,15 @@ def read_journal(path: Path, start: int) -> list[JournalLine]:
     """
     with path.open("rb") as f:
         f.seek(start)
-        data = f.read()
-    lines: list[JournalLine] = []
-    offset = start
-    for raw in data.split(b"\n")[:-1]:
-        offset += len(raw) + 1
-        line = _parse_line(raw, offset)
-        if line is not None:
-            lines.append(line)
-    return lines
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return
+            line = _parse_line(raw[:-1])
+            if line is not None:
+                yield line
 
 
-def _parse_line(raw: bytes, end: int) -> JournalLine | None:
+def _parse_line(raw: bytes) -> JournalLine | None:
     try:
         fields = raw.decode("utf-8").split("\t")
     except UnicodeDecodeError:
@@ -211,7 +208,7 @@ def _parse_line(raw: bytes, end: int) -> JournalLine | None:
         return None
     if replaced and not is_safe_relpath(replaced):
         replaced = ""
-    return JournalLine(op, sop_uid, relpath, replaced, end)
+    return JournalLine(op, sop_uid, relpath, replaced)
 
 
 def read_instance(root: Path, relpath: str) -> InstanceRecord:

@@ -12,6 +12,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -212,22 +213,14 @@ def _one_per_sop(
         other = chosen.get(record.sop_instance_uid)
         if other is None or _better(record, other, registry.get(record.sop_instance_uid)):
             chosen[record.sop_instance_uid] = record
-    kept = {id(r) for r in chosen.values()}
-    return [r for r in records if id(r) in kept], [r.path for r in records if id(r) not in kept]
+    kept = set(chosen.values())
+    return [r for r in records if r in kept], [r.path for r in records if r not in kept]
 
 
 def _better(record: InstanceRecord, other: InstanceRecord, registered: str | None) -> bool:
     if registered in (record.path, other.path):
         return record.path == registered
     return record.received_at > other.received_at
-
-
-@dataclass
-class _Tally:
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-    unreadable: list[str] = field(default_factory=list)
 
 
 def reconcile(
@@ -240,81 +233,93 @@ def reconcile(
 ) -> ReconcileReport:
     """Makes the rows agree with the files after any crash, without a full scan.
 
-    A new index over a store that already holds instances is rebuilt from the files.
-    Then each journal whose process is gone is replayed past the offset committed for
-    it, and removed with its lock file and progress row; journals of live processes
-    are left alone. Replaying is idempotent, so a crash during reconciliation is
-    repaired by the next one.
+    Each journal whose process is gone is replayed past the offset committed for it,
+    then removed with its lock file and progress row; journals of live processes are
+    left alone. A new index over a store that already holds instances is rebuilt from
+    the files instead, and the dead journals are then removed unread. Replaying is
+    idempotent, so a crash during reconciliation is repaired by the next one.
     """
-    rebuilt = None
-    if created and layout.has_registry_entries():
-        rebuilt = rebuild(writer, layout, jobs=jobs, progress=None)
-    tally = _Tally()
-    replayed = live = 0
-    for journal in layout.journal_names():
-        with layout.claim_if_dead(journal) as dead:
-            if not dead:
-                live += 1
-                continue
-            _replay(conn, writer, layout, journal, tally)
+    journals = layout.journal_names()
+    replay = _Replay(conn, writer, layout)
+    with ExitStack() as claims:
+        # Claimed (their owners proven dead) before any rebuild walks the tree, so
+        # every file those runs renamed into place is seen by the walk.
+        dead = [j for j in journals if claims.enter_context(layout.claim_if_dead(j))]
+        rebuilt = None
+        if created and layout.has_registry_entries():
+            rebuilt = rebuild(writer, layout, jobs=jobs, progress=None)
+        for journal in dead:
+            if rebuilt is None:
+                replay.journal(journal)
             (layout.journal_dir / journal).unlink(missing_ok=True)
-            replayed += 1
     return ReconcileReport(
-        journals_replayed=replayed,
-        journals_live=live,
-        rows_added=tally.added,
-        rows_updated=tally.updated,
-        rows_removed=tally.removed,
-        unreadable=tuple(tally.unreadable),
+        journals_replayed=len(dead),
+        journals_live=len(journals) - len(dead),
+        rows_added=replay.added,
+        rows_updated=replay.updated,
+        rows_removed=replay.removed,
+        unreadable=tuple(replay.unreadable),
         rebuild=rebuilt,
     )
 
 
-def _replay(
-    conn: sqlite3.Connection, writer: RowWriter, layout: StorageLayout, journal: str, tally: _Tally
-) -> None:
-    """Makes the rows of every path the journal names (past its progress) match the files.
+class _Replay:
+    """Replays journals into the index, counting the rows it changes."""
 
-    Whatever the line's operation, the file now at a path is the truth: present, its
-    header becomes the row; absent (replaced, or never renamed into place), no row may
-    point there. Headers are read before the write transaction, so other writers of
-    the index are not held up by file I/O.
-    """
-    row = conn.execute(
-        'SELECT "offset" FROM journal_progress WHERE journal = ?', (journal,)
-    ).fetchone()
-    paths: dict[str, None] = {}  # ordered set, in order of last mention
-    for line in read_journal(layout.journal_dir / journal, row[0] if row else 0):
-        for path in (line.path, line.replaced_path):
-            if path:
-                paths.pop(path, None)
-                paths[path] = None
-    present: list[InstanceRecord] = []
-    absent: list[str] = []
-    for path in paths:
-        if not layout.file(path).is_file():
-            absent.append(path)
-            continue
-        result = read_chunk(layout.root, [path])
-        present.extend(result.records)
-        tally.unreadable.extend(p for p, _ in result.unreadable)
-    with writer.transaction():
-        known = _known_sops(conn, present)
-        tally.added += sum(r.sop_instance_uid not in known for r in present)
-        tally.updated += sum(r.sop_instance_uid in known for r in present)
-        writer.upsert_instances(present)
-        tally.removed += writer.delete_paths(absent)
-        writer.forget_journal(journal)
-        writer.prune_parents()
+    def __init__(self, conn: sqlite3.Connection, writer: RowWriter, layout: StorageLayout) -> None:
+        self._conn = conn
+        self._writer = writer
+        self._layout = layout
+        self.added = self.updated = self.removed = 0
+        self.unreadable: list[str] = []
 
+    def journal(self, journal: str) -> None:
+        """Makes the rows of every path the journal names (past its progress) match
+        the files, then forgets the journal's progress.
 
-def _known_sops(conn: sqlite3.Connection, records: Sequence[InstanceRecord]) -> set[str]:
-    sql = "SELECT 1 FROM instance WHERE sop_instance_uid = ?"
-    return {
-        r.sop_instance_uid
-        for r in records
-        if conn.execute(sql, (r.sop_instance_uid,)).fetchone() is not None
-    }
+        Whatever the line's operation, the file now at a path is the truth: present,
+        its header becomes the row; absent (replaced, or never renamed into place), no
+        row may point there. Headers are read outside the write transactions, so other
+        writers of the index are not held up by file I/O, and a chunk at a time, so
+        memory stays bounded.
+        """
+        row = self._conn.execute(
+            'SELECT "offset" FROM journal_progress WHERE journal = ?', (journal,)
+        ).fetchone()
+        paths: dict[str, None] = {}  # an ordered set: each path once, where last named
+        for line in read_journal(self._layout.journal_dir / journal, row[0] if row else 0):
+            for path in (line.path, line.replaced_path):
+                if path:
+                    paths.pop(path, None)
+                    paths[path] = None
+        ordered = list(paths)
+        for i in range(0, len(ordered), _CHUNK):
+            self._paths(ordered[i : i + _CHUNK])
+        with self._writer.transaction():
+            self._writer.forget_journal(journal)
+            self._writer.prune_parents()
+
+    def _paths(self, paths: Sequence[str]) -> None:
+        present: list[str] = []
+        absent: list[str] = []
+        for path in paths:
+            (present if self._layout.file(path).is_file() else absent).append(path)
+        read = read_chunk(self._layout.root, present)
+        self.unreadable.extend(path for path, _ in read.unreadable)
+        with self._writer.transaction():
+            known = self._known_sops(read.records)
+            self.added += sum(r.sop_instance_uid not in known for r in read.records)
+            self.updated += sum(r.sop_instance_uid in known for r in read.records)
+            self._writer.upsert_instances(read.records)
+            self.removed += self._writer.delete_paths(absent)
+
+    def _known_sops(self, records: Sequence[InstanceRecord]) -> set[str]:
+        sql = "SELECT 1 FROM instance WHERE sop_instance_uid = ?"
+        return {
+            r.sop_instance_uid
+            for r in records
+            if self._conn.execute(sql, (r.sop_instance_uid,)).fetchone() is not None
+        }
 
 
 def verify(conn: sqlite3.Connection, layout: StorageLayout) -> VerifyReport:
