@@ -18,6 +18,8 @@ class CoreConfig:
     allowed_calling: calling AE titles allowed, each optionally "AE@host"; empty allows all.
     journal: write the store journal and wait for ack() before answering success
         (set when an index is in use).
+    report_stored: queue an event for every successful C-STORE; when False only
+        failures, duplicates and association events are reported (nothing logs them).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class CoreConfig:
         called_ae_check: bool = False,
         allowed_calling: list[str] | None = None,
         journal: bool = False,
+        report_stored: bool = True,
     ) -> None: ...
 
 class Event:

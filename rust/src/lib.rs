@@ -54,7 +54,7 @@ mod python {
             bind = "0.0.0.0".to_string(), port = 11112, naming = "hierarchical".to_string(),
             duplicate = "reject".to_string(), max_assoc = 10, idle_timeout = 300.0,
             artim_timeout = 30.0, max_pdu = 262_144, fsync = true, called_ae_check = false,
-            allowed_calling = None, journal = false
+            allowed_calling = None, journal = false, report_stored = true
         ))]
         #[allow(clippy::too_many_arguments)]
         fn new(
@@ -74,6 +74,7 @@ mod python {
             called_ae_check: bool,
             allowed_calling: Option<Vec<String>>,
             journal: bool,
+            report_stored: bool,
         ) -> PyResult<CoreConfig> {
             let naming = Naming::parse(&naming)
                 .ok_or_else(|| PyValueError::new_err(format!("unknown naming '{naming}'")))?;
@@ -124,6 +125,7 @@ mod python {
                     max_assoc,
                     idle_timeout: (!idle.is_zero()).then_some(idle),
                     artim_timeout,
+                    report_stored,
                 },
                 store: StoreConfig {
                     root: storage_dir,

@@ -33,6 +33,9 @@ pub struct Settings {
     pub max_assoc: usize,
     pub idle_timeout: Option<Duration>,
     pub artim_timeout: Duration,
+    /// Queue an event for every successful C-STORE (off when nobody logs or indexes
+    /// them: failures are always reported).
+    pub report_stored: bool,
 }
 
 /// The shutdown state every worker consults between reads.

@@ -650,7 +650,9 @@ impl Session<'_> {
         self.settle(&mut event, verdict);
         let (code, comment) = if event.journal.is_empty() {
             let answer = (event.status, event.error_comment.clone());
-            self.shared.events.push(event);
+            if answer.0 != status::SUCCESS || self.shared.settings.report_stored {
+                self.shared.events.push(event);
+            }
             answer
         } else {
             match self.await_index(event) {

@@ -13,12 +13,14 @@
 //!   rename: `op \t sop_uid \t relpath \t replaced_relpath \n` (read by the index's
 //!   reconciliation after a crash).
 
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -86,6 +88,8 @@ pub struct Store {
     commit_lock: Mutex<CommitState>,
     commit_flock: File,
     next_tmp: AtomicU64,
+    /// Cleared once the filesystem refuses O_TMPFILE.
+    anonymous_ok: AtomicBool,
 }
 
 struct CommitState {
@@ -165,6 +169,7 @@ impl Store {
             commit_lock: Mutex::new(CommitState { journal: None }),
             commit_flock,
             next_tmp: AtomicU64::new(0),
+            anonymous_ok: AtomicBool::new(true),
         })
     }
 
@@ -179,25 +184,55 @@ impl Store {
     }
 
     /// Starts a new instance: a temporary file holding `header` (the Part 10 preamble
-    /// and file meta), removed again unless committed.
+    /// and file meta), gone again unless committed. The file is anonymous (O_TMPFILE)
+    /// where the filesystem allows: it never has a name until it has its final one, and
+    /// the kernel frees it if the process dies.
     pub fn begin(&self, header: &[u8]) -> io::Result<Incoming> {
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let path = self.tmp_dir.join(format!("{n}.part"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&path)?;
-        let mut incoming = Incoming {
-            file: None,
-            path,
-            size: 0,
-            committed: false,
+        let (file, temp) = match self.open_anonymous() {
+            Some(file) => (file, TempName::Anonymous),
+            None => {
+                let path = self.next_temp_path();
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&path)?;
+                (file, TempName::Named(path))
+            }
         };
-        file.write_all(header)?;
-        incoming.size = header.len() as u64;
-        incoming.file = Some(file);
+        let mut incoming = Incoming {
+            file,
+            temp,
+            size: 0,
+            placed: false,
+        };
+        incoming.write(header)?;
         Ok(incoming)
+    }
+
+    /// An O_TMPFILE in our temporary directory, or None once the filesystem said it
+    /// cannot (then named temporary files are used from then on).
+    fn open_anonymous(&self) -> Option<File> {
+        if !self.anonymous_ok.load(Ordering::Relaxed) {
+            return None;
+        }
+        let opened = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o644)
+            .open(&self.tmp_dir);
+        match opened {
+            Ok(file) => Some(file),
+            Err(_) => {
+                self.anonymous_ok.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn next_temp_path(&self) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir.join(format!("{n}.part"))
     }
 
     fn lock(&self) -> io::Result<CommitGuard<'_>> {
@@ -221,53 +256,73 @@ impl Store {
         relpath: &str,
         sop_uid: &str,
     ) -> io::Result<Committed> {
-        let file = incoming
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("temporary file already closed"))?;
         if self.config.fsync {
-            file.sync_data()?;
+            incoming.file.sync_data()?;
         }
-        drop(file);
         let file_size = incoming.size;
-        let final_path = self.config.root.join(relpath);
-        let created_dirs = self.create_parents(relpath)?;
         let link = self.private.join("sop").join(sop_uid);
 
         let mut guard = self.lock()?;
-        let existing = self.existing(&link, relpath);
-        let (outcome, replaced) = match (existing, self.config.duplicate) {
-            (Some(old), DuplicatePolicy::Reject) => {
-                return Ok(Committed {
-                    outcome: Outcome::Duplicate(old),
-                    file_size,
-                    journal_offset: 0,
-                })
-            }
-            (Some(old), DuplicatePolicy::Ignore) => {
-                return Ok(Committed {
-                    outcome: Outcome::Ignored(old),
-                    file_size,
-                    journal_offset: 0,
-                })
-            }
-            (Some(old), DuplicatePolicy::Replace) => (Outcome::Replaced(old.clone()), Some(old)),
-            (None, _) => (Outcome::Stored, None),
+        let registered = fs::read_link(&link)
+            .ok()
+            .map(|target| target.to_string_lossy().into_owned());
+        let existing = registered
+            .clone()
+            .filter(|old| self.config.root.join(old).is_file());
+        let decided = |outcome| {
+            Ok(Committed {
+                outcome,
+                file_size,
+                journal_offset: 0,
+            })
         };
-        let journal_offset = self.append_journal(&mut guard, &outcome, sop_uid, relpath)?;
-        self.link_registry(&link, relpath)?;
-        fs::rename(&incoming.path, &final_path)?;
-        incoming.committed = true;
-        if let Some(old) = replaced.filter(|old| old != relpath) {
-            // The new file is in place; a failure here leaves a stale copy, not a loss.
-            let _ = fs::remove_file(self.config.root.join(old));
-        }
+        let journal_offset;
+        let (outcome, created) = match (existing, self.config.duplicate) {
+            (Some(old), DuplicatePolicy::Reject) => return decided(Outcome::Duplicate(old)),
+            (Some(old), DuplicatePolicy::Ignore) => return decided(Outcome::Ignored(old)),
+            (Some(old), DuplicatePolicy::Replace) => {
+                let outcome = Outcome::Replaced(old.clone());
+                journal_offset = self.append_journal(&mut guard, &outcome, sop_uid, relpath)?;
+                if old != relpath {
+                    self.point_registry(&link, relpath, true)?;
+                }
+                let created = self.place(&mut incoming, relpath, true)?;
+                if old != relpath {
+                    // The new file is in place; a failure here leaves a stale copy, not a loss.
+                    let _ = fs::remove_file(self.config.root.join(&old));
+                }
+                (outcome, created)
+            }
+            (None, policy) => {
+                journal_offset =
+                    self.append_journal(&mut guard, &Outcome::Stored, sop_uid, relpath)?;
+                self.point_registry(&link, relpath, registered.is_some())?;
+                match self.place(&mut incoming, relpath, false) {
+                    Ok(created) => (Outcome::Stored, created),
+                    // A file already there under that name (stored before the registry
+                    // existed, or placed by hand): it is the stored copy.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match policy {
+                        DuplicatePolicy::Reject => {
+                            return decided(Outcome::Duplicate(relpath.to_string()))
+                        }
+                        DuplicatePolicy::Ignore => {
+                            return decided(Outcome::Ignored(relpath.to_string()))
+                        }
+                        DuplicatePolicy::Replace => (
+                            Outcome::Replaced(relpath.to_string()),
+                            self.place(&mut incoming, relpath, true)?,
+                        ),
+                    },
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         drop(guard);
 
         if self.config.fsync {
-            let parent = final_path.parent().unwrap_or(&self.config.root);
-            fsync_dir(parent)?;
-            for dir in created_dirs {
+            let final_path = self.config.root.join(relpath);
+            fsync_dir(final_path.parent().unwrap_or(&self.config.root))?;
+            for dir in created {
                 fsync_dir(&dir)?;
             }
         }
@@ -278,28 +333,69 @@ impl Store {
         })
     }
 
-    /// The stored relative path for this SOP Instance UID, if its file exists: from the
-    /// registry, else the target path itself (files written before the registry).
-    fn existing(&self, link: &Path, relpath: &str) -> Option<String> {
-        if let Ok(target) = fs::read_link(link) {
-            let old = target.to_string_lossy().into_owned();
-            if self.config.root.join(&old).is_file() {
-                return Some(old);
+    /// Points the registry entry at `relpath`; `replace` when an entry may exist
+    /// (dangling or pointing elsewhere), which is then swapped atomically.
+    fn point_registry(&self, link: &Path, relpath: &str, replace: bool) -> io::Result<()> {
+        if !replace {
+            match std::os::unix::fs::symlink(relpath, link) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                done => return done,
             }
         }
-        self.config
-            .root
-            .join(relpath)
-            .is_file()
-            .then(|| relpath.to_string())
-    }
-
-    /// Points the registry entry at `relpath`, replacing any previous link atomically.
-    fn link_registry(&self, link: &Path, relpath: &str) -> io::Result<()> {
-        let staged = self.tmp_dir.join("link");
+        let staged = self.tmp_dir.join("registry-link");
         let _ = fs::remove_file(&staged);
         std::os::unix::fs::symlink(relpath, &staged)?;
         fs::rename(&staged, link)
+    }
+
+    /// Gives `incoming` its final name; `overwrite` replaces an existing file atomically,
+    /// otherwise an existing file is an `AlreadyExists` error. Missing directories are
+    /// created on demand; returns the parents whose entries changed (to fsync).
+    fn place(
+        &self,
+        incoming: &mut Incoming,
+        relpath: &str,
+        overwrite: bool,
+    ) -> io::Result<Vec<PathBuf>> {
+        let final_path = self.config.root.join(relpath);
+        match self.try_place(incoming, &final_path, overwrite) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let created = self.create_parents(relpath)?;
+                self.try_place(incoming, &final_path, overwrite)?;
+                Ok(created)
+            }
+            placed => placed.map(|()| Vec::new()),
+        }
+    }
+
+    fn try_place(
+        &self,
+        incoming: &mut Incoming,
+        final_path: &Path,
+        overwrite: bool,
+    ) -> io::Result<()> {
+        if matches!(incoming.temp, TempName::Anonymous) {
+            if !overwrite {
+                link_anonymous(&incoming.file, final_path)?;
+                incoming.placed = true;
+                return Ok(());
+            }
+            // rename(2) is the atomic overwrite, and it needs a name to move.
+            let named = self.next_temp_path();
+            link_anonymous(&incoming.file, &named)?;
+            incoming.temp = TempName::Named(named);
+        }
+        let TempName::Named(temp) = &incoming.temp else {
+            return Err(io::Error::other("temporary file has no name"));
+        };
+        if overwrite {
+            fs::rename(temp, final_path)?;
+        } else {
+            fs::hard_link(temp, final_path)?;
+            let _ = fs::remove_file(temp);
+        }
+        incoming.placed = true;
+        Ok(())
     }
 
     fn append_journal(
@@ -351,22 +447,26 @@ impl Store {
     }
 }
 
-/// An instance being received: its temporary file, removed on drop unless committed.
+/// Where an incoming instance's bytes live until it is placed.
+enum TempName {
+    /// An O_TMPFILE inode: no name at all until linked into place.
+    Anonymous,
+    /// A named file in this run's temporary directory.
+    Named(PathBuf),
+}
+
+/// An instance being received: its temporary file, gone on drop unless placed.
 pub struct Incoming {
-    file: Option<File>,
-    path: PathBuf,
+    file: File,
+    temp: TempName,
     size: u64,
-    committed: bool,
+    placed: bool,
 }
 
 impl Incoming {
     /// Appends data set bytes exactly as received.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("temporary file already closed"))?;
-        file.write_all(bytes)?;
+        self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
         Ok(())
     }
@@ -374,10 +474,32 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if !self.committed {
-            self.file = None;
-            let _ = fs::remove_file(&self.path);
+        // An anonymous file vanishes with its descriptor; a named one must be removed.
+        if let (false, TempName::Named(path)) = (self.placed, &self.temp) {
+            let _ = fs::remove_file(path);
         }
+    }
+}
+
+/// Links an O_TMPFILE into the directory tree under `target` (fails if it exists).
+/// Through /proc/self/fd so that no CAP_DAC_READ_SEARCH is needed (linkat(2)).
+fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
+    let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let target = CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
