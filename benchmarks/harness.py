@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -761,7 +762,33 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
     return 0
 
 
+LOCK_PATH = Path("/tmp/storescp-bench-harness.lock")
+
+
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    """One harness at a time on this machine: two would disturb each other's figures and
+    race on the corpus directory."""
+    with open(LOCK_PATH, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            log(f"waiting for another harness run ({fh.read().strip() or 'unknown'}) to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    with machine_lock():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="storescp vs dcmtk storescp throughput harness",
         formatter_class=argparse.RawDescriptionHelpFormatter,
