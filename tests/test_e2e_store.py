@@ -51,10 +51,15 @@ IMPLEMENTATION_CLASS_UID = "2.25.170282023813347804915073355187678686180"
 ROOT = "1.2.826.0.1.3680043.9.7.20"
 ENCAPSULATED = {JPEGBaseline8Bit, JPEG2000Lossless, JPEG2000, JPEGLosslessSV1, RLELossless}
 
-pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
-
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _lenient_pydicom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets pydicom write data sets with made-up (not real codestream) pixel data."""
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.IGNORE)
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.IGNORE)
 
 
 def rle_frame(pixels: bytes) -> bytes:
