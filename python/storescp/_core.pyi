@@ -12,7 +12,9 @@ class CoreConfig:
     naming: "hierarchical" | "date" | "flat".
     duplicate: "reject" | "replace" | "ignore".
     accepted_sop_classes: abstract syntaxes accepted besides Verification.
-    transfer_syntaxes: transfer syntaxes accepted, in order of preference.
+    transfer_syntaxes: transfer syntaxes accepted; within one presentation context the
+        first one the requestor proposes that is in this list is chosen (data sets are
+        stored as received, so the sender's preference wins).
     idle_timeout: seconds, 0 disables. artim_timeout: seconds until the A-ASSOCIATE-RQ.
     called_ae_check: reject (1/1/7) an association whose called AE is not ae_title.
     allowed_calling: calling AE titles allowed, each optionally "AE@host"; empty allows all.
@@ -84,7 +86,11 @@ class Event:
 class Server:
     def __init__(self, config: CoreConfig) -> None: ...
     def start(self) -> int:
-        """Bind and start accepting; returns the bound port. Raises OSError."""
+        """Bind and start accepting; returns the bound port.
+
+        Raises OSError(errno, strerror, filename): filename is the storage directory when
+        that could not be prepared, absent when the address could not be bound.
+        """
     @property
     def port(self) -> int: ...
     def next_events(self, timeout: float, max_events: int = 4096) -> list[Event] | None:
@@ -92,7 +98,10 @@ class Server:
     def ack(self, upto_token: int, ok: bool = True) -> None:
         """Acknowledge every store event with ack_token <= upto_token (index committed)."""
     def shutdown(self, drain_timeout: float = 10.0) -> None:
-        """Stop accepting; in-flight C-STOREs may finish within drain_timeout, then abort."""
+        """Stop accepting; in-flight C-STOREs may finish within drain_timeout, then abort.
+
+        Returns at once (safe from a signal handler); next_events() ends with None.
+        """
     def stats(self) -> dict[str, int]:
         """Counters: associations, rejected_associations, messages, images_received,
         bytes_received, instances_stored, stored_bytes, duplicates, failures."""

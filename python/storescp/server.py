@@ -190,6 +190,10 @@ class StorageSCP:
         try:
             server.start()
         except OSError as exc:
+            if exc.filename:
+                raise StartError(
+                    f"storage directory {exc.filename} is unusable: {_reason(exc)}"
+                ) from exc
             where = _host_port(self.config.bind, self.config.port)
             raise StartError(f"cannot listen on {where}: {_reason(exc)}") from exc
         return server
@@ -217,6 +221,8 @@ class StorageSCP:
                 called_ae_check=config.require_called_ae,
                 allowed_calling=list(config.allowed_calling),
                 journal=self._index is not None,
+                # Quiet and unindexed: successful C-STOREs concern nobody in Python.
+                report_stored=not config.quiet or self._index is not None,
             )
         except ValueError as exc:  # ServerConfig checks more than the core: a bug if reached
             raise StartError(f"the core refused the configuration: {exc}") from exc

@@ -252,9 +252,20 @@ mod python {
             }
             let config = self.config.get();
             let (settings, store) = (config.settings.clone(), config.store.clone());
+            // OSError(errno, strerror[, filename]): filename names the storage directory
+            // when that is what failed, and is absent for a bind failure.
             let started = py
                 .detach(|| server::Server::start(settings, store))
-                .map_err(|e| PyOSError::new_err(e.to_string()))?;
+                .map_err(|e| match e {
+                    server::StartError::Storage(root, e) => PyOSError::new_err((
+                        e.raw_os_error().unwrap_or(0),
+                        e.to_string(),
+                        root.to_string_lossy().into_owned(),
+                    )),
+                    server::StartError::Bind(e) => {
+                        PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string()))
+                    }
+                })?;
             let port = started.port();
             self.running
                 .set(started)

@@ -82,6 +82,15 @@ pub struct Shared {
     listener_done: AtomicBool,
 }
 
+/// Why a server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The storage root (path) could not be opened or prepared.
+    Storage(std::path::PathBuf, io::Error),
+    /// The address could not be resolved or bound.
+    Bind(io::Error),
+}
+
 /// A running server.
 pub struct Server {
     shared: Arc<Shared>,
@@ -91,8 +100,13 @@ pub struct Server {
 
 impl Server {
     /// Opens the store, binds, and starts the listener thread.
-    pub fn start(settings: Settings, store: StoreConfig) -> io::Result<Server> {
-        let store = Store::open(store)?;
+    pub fn start(settings: Settings, store: StoreConfig) -> Result<Server, StartError> {
+        let root = store.root.clone();
+        let store = Store::open(store).map_err(|e| StartError::Storage(root, e))?;
+        Self::listen_with(settings, store).map_err(StartError::Bind)
+    }
+
+    fn listen_with(settings: Settings, store: Store) -> io::Result<Server> {
         let addr = (settings.bind.as_str(), settings.port)
             .to_socket_addrs()?
             .next()

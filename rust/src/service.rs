@@ -382,13 +382,6 @@ impl Session<'_> {
                     return End::Aborted(a.message);
                 }
             }
-            if self.shared.control.is_stopping()
-                && self.inflight.is_none()
-                && self.command.is_empty()
-            {
-                send_abort(&self.writer, abort::REASON_NOT_SPECIFIED);
-                return End::Aborted("server shutting down".into());
-            }
         }
     }
 
@@ -454,12 +447,20 @@ impl Session<'_> {
             )
         })?;
         Stats::add(&self.shared.stats.messages, 1);
-        Ok(self.dispatch(context_id, command))
+        self.dispatch(context_id, command)
     }
 
     /// Starts or answers a request. Returns false when the peer is gone.
-    fn dispatch(&mut self, context_id: u8, command: Command) -> bool {
-        match command.command_field {
+    fn dispatch(&mut self, context_id: u8, command: Command) -> Result<bool, Abort> {
+        if self.shared.control.is_stopping() {
+            // Draining: what is in flight finishes, nothing new starts; a release
+            // request after the last response is still answered (see `serve`).
+            return Err(Abort::new(
+                abort::REASON_NOT_SPECIFIED,
+                "server shutting down",
+            ));
+        }
+        Ok(match command.command_field {
             command_field::C_ECHO_RQ => {
                 let rsp = dimse::encode_c_echo_rsp(command.message_id, status::SUCCESS);
                 let mut event = self.peer.event("echo");
@@ -487,7 +488,7 @@ impl Session<'_> {
                 true
             }
             _ => self.refuse_command(context_id, &command),
-        }
+        })
     }
 
     /// Answers a request this SCP does not perform (or a C-STORE without data set).
