@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -27,9 +29,12 @@ from conftest import (
 )
 from dicom_raw import (
     VERIFICATION,
+    Aborted,
     AssociationRejected,
     Context,
     RawAssociation,
+    c_store_rq,
+    fragments,
 )
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -712,3 +717,228 @@ def test_bytes_received_is_exact_below_one_kib(
         raw.release()
     assert server.stop() == 0
     assert f"  Bytes Received:        {len(data)} B\n" in server.log()
+
+
+# -- restarts, storage failures, aborts and draining -----------------------------------------
+
+
+def private_tmp_files(storage: Path) -> list[Path]:
+    """Regular files in the private temporary area (temporaries of any run)."""
+    tmp = storage / ".storescp" / "tmp"
+    return sorted(p for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else []
+
+
+def wait_for_log(
+    server: RunningServer, text: str, timeout: float = 10.0, poll: float = 0.05
+) -> str:
+    """The server's log once it contains `text` (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.log()
+        if text in log:
+            return log
+        time.sleep(poll)
+    raise AssertionError(f"{text!r} not in the log after {timeout} s:\n{server.log()[-2000:]}")
+
+
+@pytest.mark.parametrize("policy", ["reject", "replace", "ignore"])
+def test_duplicates_found_across_layouts_after_restart(
+    server_factory: ServerFactory, tmp_path: Path, policy: str
+) -> None:
+    """A SOP Instance UID stored with one layout is a duplicate for a later server on the same
+    root with another layout: reject keeps the old file (0111), replace moves it (one file),
+    ignore keeps it (0000)."""
+    storage = tmp_path / "store"
+    uid = f"{ROOT}.18.1"
+    first = part10(make_dataset(uid, patient_name="Old^One"), tmp_path / "a")
+    second = part10(make_dataset(uid, patient_name="New^Two"), tmp_path / "b")
+    one = server_factory(["--naming", "hierarchical"], storage=storage)
+    with association(one.port) as assoc:
+        assert store(assoc, first).Status == 0x0000
+    (old,) = one.files()
+    assert one.stop() == 0
+    two = server_factory(["--naming", "flat", "--duplicate", policy], storage=storage)
+    with association(two.port) as assoc:
+        status = store(assoc, second)
+    flat = storage / f"{uid}.dcm"
+    if policy == "reject":
+        assert status.Status == 0x0111
+        assert two.files() == [old]
+        assert data_set_bytes(old) == data_set_bytes(first)
+    elif policy == "ignore":
+        assert status.Status == 0x0000
+        assert two.files() == [old]
+        assert data_set_bytes(old) == data_set_bytes(first)
+    else:
+        assert status.Status == 0x0000
+        assert two.files() == [flat]
+        assert data_set_bytes(flat) == data_set_bytes(second)
+
+
+def test_storage_failure_a700_and_association_goes_on(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """When the final path cannot be created (a regular file sits where the study folder
+    goes), the answer is A700-range with an Error Comment, no temporary file remains, the
+    blocking file is untouched, and the same association then stores another study."""
+    server = server_factory()
+    blocked_study = f"{ROOT}.19.100"
+    blocker = server.storage / blocked_study
+    blocker.write_bytes(b"occupied")
+    blocked = part10(make_dataset(f"{ROOT}.19.1", study_uid=blocked_study), tmp_path)
+    fine = part10(make_dataset(f"{ROOT}.19.2", study_uid=f"{ROOT}.19.200"), tmp_path)
+    with association(server.port) as assoc:
+        status = store(assoc, blocked)
+        assert 0xA700 <= status.Status <= 0xA7FF, hex(status.Status)
+        assert str(status.get("ErrorComment", "")).strip()
+        assert store(assoc, fine).Status == 0x0000
+        # The failed instance is not a duplicate: once unblocked it can be stored.
+        blocker.unlink()
+        assert store(assoc, blocked).Status == 0x0000
+    assert private_tmp_files(server.storage) == []
+    assert sorted(p.name for p in server.files()) == [f"{ROOT}.19.1.dcm", f"{ROOT}.19.2.dcm"]
+    assert server.stop() == 0
+    assert "  Failures:              1\n" in server.log()
+
+
+def _start_partial_store(
+    port: int, uid: str, *, calling: str = "PARTIAL"
+) -> tuple[RawAssociation, bytes]:
+    """A raw association that sent a C-STORE-RQ and the first half of its data set."""
+    ds = make_dataset(uid, pixel_bytes=200_000)
+    data = encode(ds)
+    raw = RawAssociation.connect(port)
+    raw.associate("STORESCP", calling, [Context(1, CTImageStorage, [ExplicitVRLittleEndian])])
+    for chunk in fragments(1, c_store_rq(1, CTImageStorage, uid), command=True, max_pdu=16384):
+        raw.send(chunk)
+    half = fragments(1, data, command=False, max_pdu=16384)
+    for chunk in half[: len(half) // 2]:
+        raw.send(chunk)
+    return raw, data
+
+
+@pytest.mark.parametrize("how", ["a-abort", "tcp-reset", "tcp-close"])
+def test_abort_mid_transfer_leaves_nothing(
+    server_factory: ServerFactory, tmp_path: Path, how: str
+) -> None:
+    """An association that ends half-way through a data set leaves no file and no
+    temporary; the instance is not counted as stored and can be sent again afterwards."""
+    server = server_factory()
+    uid = f"{ROOT}.20.1"
+    raw, data = _start_partial_store(server.port, uid)
+    time.sleep(0.2)
+    if how == "a-abort":
+        raw.abort()
+    else:
+        if how == "tcp-reset":
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+    wait_for_log(server, "Association aborted: PARTIAL")
+    assert server.files() == []
+    assert private_tmp_files(server.storage) == []
+    with RawAssociation.connect(server.port) as again:
+        again.associate("STORESCP", "RETRY", [Context(1, CTImageStorage, [ExplicitVRLittleEndian])])
+        assert again.c_store(1, CTImageStorage, uid, data).status == 0x0000
+        again.release()
+    (stored,) = server.files()
+    assert data_set_bytes(stored) == data
+    assert server.stop() == 0
+    log = server.log()
+    assert "  Images Received:       1\n" in log
+    assert "  Instances Stored:      1\n" in log
+
+
+def test_sigterm_lets_in_flight_store_finish(server_factory: ServerFactory) -> None:
+    """SIGTERM while a C-STORE is half-way: the transfer may finish and gets 0000, the file
+    is complete, then the server exits 0."""
+    server = server_factory()
+    uid = f"{ROOT}.21.1"
+    raw, data = _start_partial_store(server.port, uid)
+    with raw:
+        time.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for_log(server, "Received SIGTERM")
+        rest = fragments(1, data, command=False, max_pdu=16384)
+        for chunk in rest[len(rest) // 2 :]:
+            raw.send(chunk)
+        rsp = raw.read_command()
+        assert rsp.status == 0x0000
+    assert server.proc.wait(timeout=20) == 0
+    (stored,) = server.files()
+    assert data_set_bytes(stored) == data
+    assert "  Instances Stored:      1\n" in server.log()
+
+
+def _try_associate(port: int) -> str:
+    """ "accepted" if an A-ASSOCIATE-AC came back, else how the attempt ended."""
+    try:
+        with RawAssociation.connect(port, timeout=3) as late:
+            late.associate("STORESCP", "LATE", [Context(1, VERIFICATION)])
+            return "accepted"
+    except AssociationRejected as exc:
+        return f"rejected {exc.args[0]}"
+    except Aborted as exc:
+        return f"aborted {exc.args[0]}"
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_no_new_association_once_stopping(server_factory: ServerFactory) -> None:
+    """Once the signal has been handled (the notice is in the log) the server accepts no new
+    association, even while an in-flight C-STORE keeps it draining."""
+    server = server_factory()
+    raw, _ = _start_partial_store(server.port, f"{ROOT}.24.1")
+    with raw:
+        time.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for_log(server, "Received SIGTERM", poll=0.002)
+        outcomes = []
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            outcomes.append(_try_associate(server.port))
+            time.sleep(0.01)
+        assert "accepted" not in outcomes, outcomes[:5]
+    assert server.proc.wait(timeout=20) == 0
+
+
+def test_drain_timeout_aborts_unfinished_transfer(server_factory: ServerFactory) -> None:
+    """--drain-timeout 1: a transfer that does not finish is aborted after about a second,
+    its partial data discarded, and the server exits 0 with nothing stored."""
+    server = server_factory(["--drain-timeout", "1"])
+    raw, _ = _start_partial_store(server.port, f"{ROOT}.22.1")
+    with raw:
+        time.sleep(0.2)
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=15) == 0
+        assert time.monotonic() - start < 10
+        tail = raw.wait_closed(5)
+        assert tail == b"" or tail[0] == 0x07  # nothing more, or an A-ABORT
+    assert server.files() == []
+    assert private_tmp_files(server.storage) == []
+    log = server.log()
+    assert "  Images Received:       0\n" in log
+    assert "  Instances Stored:      0\n" in log
+
+
+def test_temporaries_of_a_killed_server_are_swept_at_start(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A server killed (SIGKILL) mid-transfer leaves no file under a final name, and the next
+    server on the same root removes the dead run's temporaries at start."""
+    storage = tmp_path / "store"
+    one = server_factory(storage=storage)
+    raw, _ = _start_partial_store(one.port, f"{ROOT}.23.1")
+    with raw:
+        time.sleep(0.3)
+        tmp_root = storage / ".storescp" / "tmp"
+        runs_before = {p.name for p in tmp_root.iterdir()} if tmp_root.is_dir() else set()
+        one.proc.kill()
+        one.proc.wait(timeout=10)
+    assert one.files() == []
+    two = server_factory(storage=storage)
+    assert two.files() == []
+    assert private_tmp_files(storage) == []
+    if tmp_root.is_dir():
+        assert not (runs_before & {p.name for p in tmp_root.iterdir()})
+    assert two.stop() == 0
