@@ -221,3 +221,22 @@ def test_quiet_still_logs_non_success(server_factory: ServerFactory, tmp_path: P
     assert "-> duplicate (0x0111)" in stores[0]
     assert not lines_matching(log, r"C-ECHO from")
     assert len(lines_matching(log, r"Association established from: QUIETSCU -> ")) == 3
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 192", "ISO_IR 100"])
+def test_log_decodes_names_in_the_declared_character_set(
+    server_factory: ServerFactory, tmp_path: Path, charset: str
+) -> None:
+    """The C-STORE line shows the patient name and study description as the sender meant
+    them, decoded with the data set's Specific Character Set (UTF-8 or Latin-1)."""
+    server = server_factory()
+    ds = make_dataset(f"{ROOT}.4.{charset[-3:]}", patient_name="Müller^Jürgen")
+    ds.SpecificCharacterSet = charset
+    ds.StudyDescription = "Schädel nativ"
+    path = write_part10(ds, tmp_path / "in" / "a.dcm")
+    raw_name = "Müller^Jürgen".encode("utf-8" if charset == "ISO_IR 192" else "latin-1")
+    assert raw_name in path.read_bytes()
+    assert storescu(server.port, path, args=["-xe", "-aet", "CHARSET"]).returncode == 0
+    assert server.stop() == 0
+    (line,) = lines_matching(server.log(), r"C-STORE from CHARSET: ")
+    assert line.endswith("C-STORE from CHARSET: CT - Müller^Jürgen (Schädel nativ)"), line

@@ -357,6 +357,51 @@ def test_concurrent_duplicates_on_two_associations(
             assert body == candidates[winner]
 
 
+def test_concurrent_duplicates_across_two_processes(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Two server processes on the same storage root receive the same SOP Instance UID at the
+    same moment, several rounds, with reject: one 0000 and one 0111 per round, one file."""
+    storage = tmp_path / "shared-store"
+    servers = [server_factory(["--no-fsync"], storage=storage) for _ in range(2)]
+    rounds = 6
+    sources = {
+        (r, who): part10(
+            make_dataset(f"{ROOT}.25.{r}", patient_name=f"Proc^{who}", pixel_bytes=8192 + who),
+            tmp_path / f"p{who}",
+        )
+        for r in range(rounds)
+        for who in range(2)
+    }
+    barrier = threading.Barrier(2, timeout=30)
+    statuses: dict[tuple[int, int], int] = {}
+    errors: list[BaseException] = []
+
+    def sender(who: int) -> None:
+        try:
+            with association(servers[who].port, ae_title=f"PROC{who}") as assoc:
+                for r in range(rounds):
+                    barrier.wait()
+                    statuses[(r, who)] = int(store(assoc, sources[(r, who)]).Status)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=sender, args=(who,)) for who in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    files = servers[0].files()
+    assert len(files) == rounds
+    for r in range(rounds):
+        assert sorted((statuses[(r, 0)], statuses[(r, 1)])) == [0x0000, 0x0111], r
+        winner = 0 if statuses[(r, 0)] == 0 else 1
+        (stored,) = [f for f in files if f.name == f"{ROOT}.25.{r}.dcm"]
+        assert data_set_bytes(stored) == data_set_bytes(sources[(r, winner)])
+
+
 # -- --accept --------------------------------------------------------------------------------
 
 
@@ -598,6 +643,22 @@ def test_idle_association_aborted_after_timeout(server_factory: ServerFactory) -
         ae.shutdown()
 
 
+def test_silent_connection_dropped_after_artim(server_factory: ServerFactory) -> None:
+    """--timeout 2: a TCP connection that never sends an A-ASSOCIATE-RQ is closed after about
+    2 s (the ARTIM timeout is capped by the idle timeout); the server keeps serving."""
+    server = server_factory(["--timeout", "2"])
+    with RawAssociation.connect(server.port) as silent:
+        start = time.monotonic()
+        tail = silent.wait_closed(10)
+        elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed <= 8, elapsed
+    assert tail == b"" or tail[0] == 0x07
+    with RawAssociation.connect(server.port) as raw:
+        raw.associate("STORESCP", "RAWSCU", [Context(1, VERIFICATION)])
+        assert raw.c_echo(1).status == 0
+        raw.release()
+
+
 def test_called_ae_check(server_factory: ServerFactory) -> None:
     """--require-called-ae: a wrong called AE title is rejected 1/1/7; the right one is
     accepted. Without the option any called AE title is accepted."""
@@ -647,6 +708,7 @@ def test_calling_ae_allow_list(server_factory: ServerFactory, tmp_path: Path) ->
     assert len(server.files()) == 1
     assert server.stop() == 0
     assert "  Rejected Associations: 3\n" in server.log()
+    assert "  Total Associations:    3\n" in server.log()
 
 
 # -- statistics on a signal ------------------------------------------------------------------

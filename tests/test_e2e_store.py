@@ -24,7 +24,7 @@ from conftest import (
     write_part10,
 )
 from dicom_raw import VERIFICATION, Context, RawAssociation
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
@@ -42,6 +42,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode
 
 pytest.importorskip("storescp._core", reason="the Rust core is not built")
 
@@ -437,3 +438,52 @@ def test_pynetdicom_echo_echoes_message_id(server: RunningServer) -> None:
             rsp = raw.c_echo(1, mid)
             assert (rsp.command_field, rsp.message_id_responded, rsp.status) == (0x8030, mid, 0)
         raw.release()
+
+
+@pytest.mark.usefixtures("send_files_raw")
+def test_max_pdu_option_is_advertised_and_large_data_sets_still_arrive(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """--max-pdu 4096: the A-ASSOCIATE-AC advertises 4096, and a 300 KB data set sent in
+    PDUs of that size by storescu and pynetdicom is stored intact."""
+    server = server_factory(["--max-pdu", "4096"])
+    with RawAssociation.connect(server.port) as raw:
+        ac = raw.associate("STORESCP", "RAWSCU", [Context(1, VERIFICATION)])
+        assert ac.max_pdu == 4096
+        raw.release()
+    first = make_dataset(f"{ROOT}.7.1", pixel_bytes=300_000)
+    second = make_dataset(f"{ROOT}.7.2", pixel_bytes=300_000)
+    a = write_part10(first, tmp_path / "in" / "a.dcm")
+    b = write_part10(second, tmp_path / "in" / "b.dcm")
+    result = storescu(server.port, a, args=["-xe"])
+    assert result.returncode == 0, result.stderr
+    with association(server.port, [(CTImageStorage, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.send_c_store(b).Status == 0x0000  # type: ignore[attr-defined]
+    for ds, source in ((first, a), (second, b)):
+        assert data_set_bytes(hierarchical_path(server, ds)) == data_set_bytes(source)
+
+
+def test_c_store_with_priority_and_move_originator(server: RunningServer) -> None:
+    """Optional C-STORE-RQ fields (high priority, Move Originator AE title and Message ID)
+    are accepted; the response answers the request's Message ID and SOP Instance UID."""
+    ds = make_dataset(f"{ROOT}.8.1")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    seen: list[tuple[int, str]] = []
+
+    def on_recv(event: evt.Event) -> None:
+        cs = event.message.command_set  # type: ignore[attr-defined]
+        seen.append((int(cs.MessageIDBeingRespondedTo), str(cs.AffectedSOPInstanceUID)))
+
+    with association(
+        server.port,
+        [(CTImageStorage, [ImplicitVRLittleEndian])],
+        handlers=[(evt.EVT_DIMSE_RECV, on_recv)],
+    ) as assoc:
+        status = assoc.send_c_store(  # type: ignore[attr-defined]
+            ds, msg_id=777, priority=1, originator_aet="MOVER", originator_id=12
+        )
+        assert status.Status == 0x0000
+    assert seen == [(777, ds.SOPInstanceUID)]
+    stored = hierarchical_path(server, ds)
+    assert data_set_bytes(stored) == encode(ds, True, True, False)
