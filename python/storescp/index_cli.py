@@ -196,7 +196,11 @@ def totals(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 @_database_errors
 def verify(ctx: click.Context, as_json: bool) -> None:
-    """Compare the index with the files and the registry; exit 1 if they differ."""
+    """Compare the index with the files.
+
+    Also compares it with the core's registry of stored instances. Exits 1 if anything
+    disagrees.
+    """
     report = _open(ctx, need_storage=True).verify()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -220,7 +224,10 @@ def verify(ctx: click.Context, as_json: bool) -> None:
 def rebuild(
     ctx: click.Context, jobs: int | None, progress: bool | None, force: bool, as_json: bool
 ) -> None:
-    """Re-create the index from the files (creating the database if needed)."""
+    """Re-create the index from the files.
+
+    Creates the database if needed, and replaces its content in one transaction.
+    """
     index = _open(ctx, create=True, need_storage=True)
     show = sys.stderr.isatty() if progress is None else progress
     printer = _ProgressPrinter() if show else None
