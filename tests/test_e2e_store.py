@@ -20,6 +20,7 @@ from conftest import (
     data_set_bytes,
     echoscu,
     make_dataset,
+    start_server,
     storescu,
     write_part10,
 )
@@ -176,6 +177,21 @@ def send_files_raw(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One default server for the tests of this module that use distinct UIDs; it must
+    still be alive and stop cleanly at the end."""
+    server = start_server(tmp_path_factory.mktemp("shared"))
+    try:
+        yield server
+        assert server.proc.poll() is None, "the shared server died"
+        assert server.stop() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(timeout=10)
+
+
 # -- dcmtk storescu --------------------------------------------------------------------------
 
 
@@ -194,18 +210,19 @@ def send_files_raw(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_storescu_stores_bit_exact(
-    server: RunningServer, tmp_path: Path, transfer_syntax: str, options: list[str]
+    shared_server: RunningServer, tmp_path: Path, transfer_syntax: str, options: list[str]
 ) -> None:
     """Each transfer syntax storescu negotiates is stored as a Part 10 file in that syntax,
     with our file meta and the data set exactly as sent."""
     uid = f"{ROOT}.1.{zlib.crc32(repr((transfer_syntax, options)).encode())}"
     ds = dataset_for(uid, transfer_syntax, pixel_bytes=8192)
     source = write_part10(ds, tmp_path / "in" / "a.dcm", transfer_syntax)
+    server = shared_server
     result = storescu(server.port, source, args=["-v", "-aet", "MODALITY1", *options], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Received Store Response (Success)" in result.stderr
     stored = hierarchical_path(server, ds)
-    assert server.files() == [stored]
+    assert [p for p in server.files() if p.name == stored.name] == [stored]
     assert_part10(
         stored,
         sent=data_set_bytes(source),
@@ -304,13 +321,14 @@ def test_storescu_sends_a_multiframe_over_50_mib(
 )
 @pytest.mark.usefixtures("send_files_raw")
 def test_pynetdicom_stores_each_transfer_syntax(
-    server: RunningServer, tmp_path: Path, transfer_syntax: str
+    shared_server: RunningServer, tmp_path: Path, transfer_syntax: str
 ) -> None:
     """pynetdicom proposing exactly one transfer syntax: the file carries it, the data set
     bytes are the ones pynetdicom put on the wire."""
     uid = f"{ROOT}.4.{ENCODINGS.index(transfer_syntax)}"
     ds = dataset_for(uid, transfer_syntax, pixel_bytes=4096)
     source = write_part10(ds, tmp_path / "in" / "p.dcm", transfer_syntax)
+    server = shared_server
     with association(server.port, [(CTImageStorage, [transfer_syntax])]) as assoc:
         status = assoc.send_c_store(source)  # type: ignore[attr-defined]
         assert status.Status == 0x0000
@@ -340,7 +358,7 @@ ENCODINGS = [
 @pytest.mark.parametrize("order", ["compressed-first", "uncompressed-first", "unknown-first"])
 @pytest.mark.usefixtures("send_files_raw")
 def test_pynetdicom_many_transfer_syntaxes_in_one_context(
-    server: RunningServer, tmp_path: Path, order: str
+    shared_server: RunningServer, tmp_path: Path, order: str
 ) -> None:
     """One context proposing many syntaxes (an unknown one included) is accepted with one of
     the proposed known syntaxes; an instance encoded in it is stored in it, bit-exact."""
@@ -356,6 +374,7 @@ def test_pynetdicom_many_transfer_syntaxes_in_one_context(
         syntaxes.reverse()
     elif order == "unknown-first":
         syntaxes.insert(0, "1.2.826.0.1.3680043.9.7.20.999")
+    server = shared_server
     with association(server.port, [(CTImageStorage, syntaxes)]) as assoc:
         (context,) = assoc.accepted_contexts  # type: ignore[attr-defined]
         chosen = context.transfer_syntax[0]
