@@ -56,6 +56,7 @@ ServerFactory = Callable[..., RunningServer]
 ROOT = "1.2.826.0.1.3680043.9.7.21"
 STUDY = f"{ROOT}.100"
 SERIES = f"{ROOT}.100.1"
+STUDY_DEFAULT = "1.2.826.0.1.3680043.9.7.1"  # make_dataset's default Study Instance UID
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -281,9 +282,6 @@ def test_duplicate_replace_moves_to_new_location(
     assert server.files() == [new]
     assert not old.exists()
     assert data_set_bytes(new) == data_set_bytes(second)
-
-
-STUDY_DEFAULT = "1.2.826.0.1.3680043.9.7.1"
 
 
 def test_duplicate_ignore_keeps_old_file(server_factory: ServerFactory, tmp_path: Path) -> None:
