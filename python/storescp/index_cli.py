@@ -37,6 +37,12 @@ from storescp.index.query import is_dicom_date
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _UsageError(click.UsageError):
+    """A usage error exiting with status 1 (click's own default is 2)."""
+
+    exit_code = 1
+
+
 class _Group(click.Group):
     """A group whose usage errors exit with status 1, as the product's other tools do."""
 
@@ -50,16 +56,14 @@ class _Group(click.Group):
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:
-            exc.exit_code = 1
-            raise
+            raise _UsageError(exc.format_message(), exc.ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         # Subcommands parse their arguments in here.
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
-            exc.exit_code = 1
-            raise
+            raise _UsageError(exc.format_message(), exc.ctx) from None
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,8 @@ class StorageSCP:
         from storescp.index import Index, IndexOpenError
 
         try:
-            index = Index.open(db_path, self.config.storage_dir, fsync=self.config.fsync)
+            # The core fsyncs its journal before success: the index need not fsync too.
+            index = Index.open(db_path, self.config.storage_dir, durable=False)
         except IndexOpenError as exc:
             raise StartError(f"cannot open index database {db_path}: {exc}") from exc
         try:

@@ -10,8 +10,9 @@
 //! - `run/<runid>.lock`: held (`flock`) by the process `runid` = "pid-nanos" while it runs.
 //! - `tmp/<runid>/`: that process's temporary files; swept at start once the owner is gone.
 //! - `journal/<runid>.log`: with an index, one line per instance appended before the
-//!   rename: `op \t sop_uid \t relpath \t replaced_relpath \n` (read by the index's
-//!   reconciliation after a crash).
+//!   file gets its final name: `op \t sop_uid \t relpath \t replaced_relpath \n`, and
+//!   (with fsync on) made durable before success, so the index may commit without its
+//!   own fsync: reconciliation replays the journal after a crash or power loss.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -88,6 +89,8 @@ pub struct Store {
     commit_lock: Mutex<CommitState>,
     commit_flock: File,
     next_tmp: AtomicU64,
+    /// A second handle on the journal, to fdatasync it outside the commit lock.
+    journal_sync: Option<File>,
     /// Cleared once the filesystem refuses O_TMPFILE.
     anonymous_ok: AtomicBool,
 }
@@ -159,6 +162,18 @@ impl Store {
         })();
         flock(&commit_flock, libc::LOCK_UN)?;
         let (run_lock, tmp_dir) = registered?;
+        let journal = if config.journal {
+            let path = private.join("journal").join(format!("{run_id}.log"));
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let len = file.metadata()?.len();
+            Some((file, len))
+        } else {
+            None
+        };
+        let journal_sync = match (&journal, config.fsync) {
+            (Some((file, _)), true) => Some(file.try_clone()?),
+            _ => None,
+        };
 
         Ok(Store {
             config,
@@ -166,7 +181,8 @@ impl Store {
             tmp_dir,
             run_id,
             _run_lock: run_lock,
-            commit_lock: Mutex::new(CommitState { journal: None }),
+            commit_lock: Mutex::new(CommitState { journal }),
+            journal_sync,
             commit_flock,
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
@@ -321,6 +337,11 @@ impl Store {
         drop(guard);
 
         if self.config.fsync {
+            // First, while the directory entry is still in the filesystem's running
+            // transaction: the directory fsync below then finds little left to commit.
+            if let Some(journal) = &self.journal_sync {
+                journal.sync_data()?;
+            }
             let final_path = self.config.root.join(relpath);
             fsync_dir(final_path.parent().unwrap_or(&self.config.root))?;
             for dir in created {
@@ -413,12 +434,6 @@ impl Store {
             Outcome::Replaced(old) => ("replaced", old.as_str()),
             _ => ("stored", ""),
         };
-        if guard.state.journal.is_none() {
-            let path = self.private.join("journal").join(self.journal_name());
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
-            let len = file.metadata()?.len();
-            guard.state.journal = Some((file, len));
-        }
         let line = format!("{op}\t{sop_uid}\t{relpath}\t{replaced}\n");
         let Some((file, offset)) = guard.state.journal.as_mut() else {
             return Err(io::Error::other("journal not open"));

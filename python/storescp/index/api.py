@@ -51,7 +51,7 @@ class Index:
         storage_dir: str | os.PathLike[str] | None = None,
         *,
         create: bool = True,
-        fsync: bool = True,
+        durable: bool = True,
         busy_timeout: float = 30.0,
     ) -> Index:
         """Opens (creating and migrating if needed) the index at `db_path`.
@@ -61,8 +61,9 @@ class Index:
             storage_dir: the storage root the index describes; remembered in the
                 database, so later opens (the inspection tool) may omit it.
             create: create the database when missing (else that is an error).
-            fsync: commits survive power loss (synchronous=FULL); False survives only
-                a process crash (NORMAL), for an operator who turned fsync off.
+            durable: every commit is fsync'd (synchronous=FULL). The server passes
+                False (NORMAL): the core's journal, fsync'd before success, already
+                brings back a commit lost to power loss at the next reconcile.
             busy_timeout: seconds a write waits for another process's transaction.
 
         Raises:
@@ -70,7 +71,7 @@ class Index:
                 a storescp index, of a newer schema, or cannot use WAL mode.
         """
         conn, created = connect(
-            Path(db_path), create=create, fsync=fsync, busy_timeout=busy_timeout
+            Path(db_path), create=create, durable=durable, busy_timeout=busy_timeout
         )
         try:
             root = _remember_storage_dir(conn, storage_dir)

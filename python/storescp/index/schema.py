@@ -105,7 +105,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def connect(
-    db_path: Path, *, create: bool, fsync: bool, busy_timeout: float
+    db_path: Path, *, create: bool, durable: bool, busy_timeout: float
 ) -> tuple[sqlite3.Connection, bool]:
     """Opens the database in WAL mode and brings its schema to `SCHEMA_VERSION`.
 
@@ -125,7 +125,7 @@ def connect(
     except sqlite3.Error as exc:
         raise IndexOpenError(f"cannot open index database {str(db_path)!r}: {exc}") from exc
     try:
-        _configure(conn, fsync=fsync)
+        _configure(conn, durable=durable)
         created = _migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
@@ -136,17 +136,17 @@ def connect(
     return conn, created
 
 
-def _configure(conn: sqlite3.Connection, *, fsync: bool) -> None:
+def _configure(conn: sqlite3.Connection, *, durable: bool) -> None:
     """Sets the per-connection pragmas (WAL is persistent, the others are not)."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise IndexOpenError(f"the database cannot use WAL mode (journal_mode is {mode})")
-    # A commit happens before the core tells the sender "success", so it must survive
-    # power loss: FULL fsyncs the WAL at every commit. NORMAL would only survive a
-    # process crash, and the core does not fsync its journal, so reconciliation could
-    # not bring a lost row back. One fsync per batch (not per instance) keeps it cheap.
-    # With the operator's fsync turned off nothing else is durable either: NORMAL.
-    conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+    # A commit happens before the core tells the sender "success". With fsync on, the
+    # core has already made its journal line durable (store.rs), so a commit lost to
+    # power loss is replayed from the journal at the next start: NORMAL (no fsync per
+    # commit) is enough for the server. The inspection tool's own writes (rebuild) ask
+    # for FULL through `durable`.
+    conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys = ON")
 
 
