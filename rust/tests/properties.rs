@@ -1031,7 +1031,9 @@ fn arb_before_tag() -> BoxedStrategy<u32> {
     )
         .prop_map(|(g, e)| (u32::from(g) << 16) | u32::from(e))
         .prop_filter("before the last wanted tag, not wanted", |t| {
-            *t < LAST_WANTED && !WANTED.iter().any(|(w, _)| w == t)
+            // (0008,0005) Specific Character Set is left out: it changes how the sniffer
+            // decodes text, and these data sets are written in UTF-8 without it.
+            *t < LAST_WANTED && *t != 0x0008_0005 && !WANTED.iter().any(|(w, _)| w == t)
         })
         .boxed()
 }
@@ -1157,7 +1159,9 @@ impl GeneratedDataset {
     }
 
     /// What the sniffer must report: values trimmed of trailing NUL/space (and leading
-    /// spaces for the non-UID ones), empty read as absent.
+    /// spaces for the non-UID ones), empty read as absent. (Fields the summary may gain
+    /// beyond these nine stay at their default: these data sets do not carry them.)
+    #[allow(clippy::needless_update)]
     fn expected(&self) -> DatasetSummary {
         let v = |i: usize, uid: bool| {
             self.values[i].as_deref().and_then(|s| {
@@ -1176,6 +1180,7 @@ impl GeneratedDataset {
             patient_id: v(6, false),
             study_instance_uid: v(7, true),
             series_instance_uid: v(8, true),
+            ..DatasetSummary::default()
         }
     }
 }
@@ -1331,7 +1336,7 @@ fn encode_tokens(tokens: &[Token], syn: Syn) -> Vec<u8> {
 /// Peak heap use allowed to one sniffer. The plain encodings hold the partial value
 /// (at most `MAX_VALUE_LEN` bytes), the nesting stack, and the nine summary strings; a
 /// value that is not UTF-8 is decoded lossily, each bad byte becoming a 3-byte U+FFFD, so
-/// a summary string can reach 3 x `MAX_VALUE_LEN` bytes (about 36 KiB in all at worst,
+/// a summary string can reach 3 x `MAX_VALUE_LEN` bytes (about 40 KiB in all at worst,
 /// see `sniffer_worst_case_memory`). The deflated encoding adds a fixed inflate state
 /// (about 43 KiB).
 fn memory_bound(encoding: Encoding) -> usize {
@@ -1454,8 +1459,8 @@ fn sniffer_nesting_is_bounded() {
 }
 
 /// The most memory a sniffer can be made to hold: all nine values at the size limit and
-/// not UTF-8 (so each is kept as 3 x `MAX_VALUE_LEN` bytes of U+FFFD), fed one byte at a
-/// time, then the deepest nesting allowed.
+/// not UTF-8 (so each can be kept as up to 3 x `MAX_VALUE_LEN` bytes of U+FFFD), fed one
+/// byte at a time, then the deepest nesting allowed.
 #[test]
 fn sniffer_worst_case_memory() {
     let mut body = Vec::new();
@@ -1504,7 +1509,7 @@ fn sniffer_worst_case_memory() {
         );
         assert!(peak <= memory_bound(encoding), "{encoding:?}: peak {peak}");
         assert!(
-            peak > 27 * 1024,
+            peak > 9 * MAX_VALUE_LEN,
             "{encoding:?}: the nine values are kept: {peak}"
         );
     }
