@@ -42,8 +42,9 @@ _NOT_NETWORK_SYNTAXES: Final = frozenset(
     }
 )
 
-# Our order of preference (CoreConfig.transfer_syntaxes) starts with the uncompressed
-# syntaxes, in this order: an uncompressed encoding is what every reader can open.
+# The uncompressed syntaxes lead the list the banner and documentation show. Within one
+# presentation context the core accepts the first syntax the requestor proposes that is in
+# this list: data sets are stored as received, so the sender's own preference wins.
 _PREFERRED_SYNTAXES: Final = (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,

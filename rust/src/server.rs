@@ -205,6 +205,9 @@ fn wait_readable(listener: &TcpListener) {
 fn listen(shared: &Arc<Shared>, listener: &TcpListener) {
     while !shared.control.is_stopping() {
         wait_readable(listener);
+        if shared.control.is_stopping() {
+            break;
+        }
         match listener.accept() {
             Ok((stream, addr)) => admit(shared, stream, addr),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -176,6 +176,9 @@ fn establish(
     };
     let rq = match reader.next_pdu(&limit, &mut wait) {
         Ok((_, body)) => pdu::parse_associate_rq(body),
+        // A connection closed without a byte (a port probe, a health check) is no
+        // association: nothing to report.
+        Err(ReadError::Closed) => return None,
         Err(e) => {
             if let ReadError::Protocol { reason, .. } = &e {
                 send_abort(writer, *reason);
@@ -195,7 +198,18 @@ fn establish(
     };
     peer.calling_ae = rq.calling_ae.clone();
     peer.called_ae = rq.called_ae.clone();
-    match negotiate(&rq, &shared.settings.accept, addr.ip()) {
+    let decision = if shared.control.is_stopping() {
+        // Stopping: no new association (transient: the peer may retry elsewhere/later).
+        Negotiation::Reject {
+            result: reject::RESULT_TRANSIENT,
+            source: reject::SOURCE_PROVIDER_PRESENTATION,
+            reason: reject::PRESENTATION_TEMPORARY_CONGESTION,
+            why: "server shutting down".into(),
+        }
+    } else {
+        negotiate(&rq, &shared.settings.accept, addr.ip())
+    };
+    match decision {
         Negotiation::Reject {
             result,
             source,

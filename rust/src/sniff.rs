@@ -66,12 +66,15 @@ impl Encoding {
     }
 }
 
-/// The top-level attributes found by a [`Sniffer`]. Values are decoded lossily as UTF-8,
-/// trailing NUL and spaces removed (and leading spaces for the non-UID values); an absent
-/// or empty value is `None`. A value is kept verbatim otherwise (multi-valued text keeps
-/// its `\` delimiters).
+/// The top-level attributes found by a [`Sniffer`]. Text values are decoded by
+/// [`decode_text`] in the data set's Specific Character Set, trailing NUL and spaces
+/// removed (and leading spaces for the non-UID values); an absent or empty value is
+/// `None`. A value is kept verbatim otherwise (multi-valued text keeps its `\`
+/// delimiters).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DatasetSummary {
+    /// Specific Character Set (0008,0005), as written.
+    pub specific_character_set: Option<String>,
     /// SOP Class UID (0008,0016).
     pub sop_class_uid: Option<String>,
     /// SOP Instance UID (0008,0018).
@@ -95,7 +98,9 @@ pub struct DatasetSummary {
 impl DatasetSummary {
     /// Stores a wanted value; returns false if `tag` is not wanted.
     fn set(&mut self, tag: u32, raw: &[u8]) -> bool {
+        let charset = self.specific_character_set.clone();
         let (field, uid) = match tag {
+            0x0008_0005 => (&mut self.specific_character_set, true),
             0x0008_0016 => (&mut self.sop_class_uid, true),
             0x0008_0018 => (&mut self.sop_instance_uid, true),
             0x0008_0020 => (&mut self.study_date, false),
@@ -107,7 +112,11 @@ impl DatasetSummary {
             0x0020_000E => (&mut self.series_instance_uid, true),
             _ => return false,
         };
-        let s = String::from_utf8_lossy(raw);
+        let s = if uid {
+            String::from_utf8_lossy(raw)
+        } else {
+            decode_text(raw, charset.as_deref())
+        };
         let s = s.trim_end_matches(['\0', ' ']);
         let s = if uid { s } else { s.trim_start_matches(' ') };
         *field = (!s.is_empty()).then(|| s.to_owned());
@@ -115,10 +124,31 @@ impl DatasetSummary {
     }
 }
 
+/// Decodes a text value (PN, LO, ...) in the Specific Character Set `charset` (PS3.5
+/// 6.1): UTF-8 for ISO_IR 192, ISO 8859-1 for ISO_IR 100. Other repertoires (ISO 2022
+/// code extensions, other 8-bit sets, GB18030) are decoded as UTF-8 when the bytes are
+/// valid UTF-8 and as ISO 8859-1 otherwise: never a replacement character, at worst the
+/// wrong glyph for a non-Latin script in the log line and the index.
+pub fn decode_text<'a>(raw: &'a [u8], charset: Option<&str>) -> std::borrow::Cow<'a, str> {
+    let latin1 = |raw: &[u8]| raw.iter().map(|&b| char::from(b)).collect::<String>();
+    let terms = charset.unwrap_or_default();
+    if terms.split('\\').any(|t| t.trim() == "ISO_IR 192") {
+        return String::from_utf8_lossy(raw);
+    }
+    if terms.split('\\').any(|t| t.trim() == "ISO_IR 100") {
+        return latin1(raw).into();
+    }
+    match std::str::from_utf8(raw) {
+        Ok(text) => text.into(),
+        Err(_) => latin1(raw).into(),
+    }
+}
+
 fn is_wanted(tag: u32) -> bool {
     matches!(
         tag,
-        0x0008_0016
+        0x0008_0005
+            | 0x0008_0016
             | 0x0008_0018
             | 0x0008_0020
             | 0x0008_0060
@@ -837,6 +867,7 @@ mod tests {
 
     fn expected() -> DatasetSummary {
         DatasetSummary {
+            specific_character_set: Some("ISO_IR 192".into()),
             sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".into()),
             sop_instance_uid: Some("1.2.3.4.5.6.7".into()),
             study_date: Some("20240229".into()),
@@ -939,8 +970,26 @@ mod tests {
     ];
 
     #[test]
+    fn text_follows_the_specific_character_set() {
+        let latin1 = b"M\xfcller^J\xfcrgen";
+        assert_eq!(decode_text(latin1, Some("ISO_IR 100")), "Müller^Jürgen");
+        assert_eq!(
+            decode_text("Müller".as_bytes(), Some("ISO_IR 192")),
+            "Müller"
+        );
+        // Undeclared or other repertoires: UTF-8 when valid, else ISO 8859-1.
+        assert_eq!(decode_text("Müller".as_bytes(), None), "Müller");
+        assert_eq!(decode_text(latin1, None), "Müller^Jürgen");
+        assert_eq!(
+            decode_text(latin1, Some("\\ISO 2022 IR 100")),
+            "Müller^Jürgen"
+        );
+    }
+
+    #[test]
     fn pydicom_fixtures() {
         let want = Ok(DatasetSummary {
+            specific_character_set: None,
             sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.7".into()),
             sop_instance_uid: Some("1.2.3.4.5".into()),
             study_date: Some("20240229".into()),
@@ -1070,7 +1119,8 @@ mod tests {
                     sop_class_uid: Some("1.2".into()),
                     sop_instance_uid: Some(" 1.2".into()),
                     study_description: Some("a  b".into()),
-                    patient_name: Some("\u{e9}l\u{fffd}".into()),
+                    // Not valid UTF-8 and no character set declared: ISO 8859-1.
+                    patient_name: Some("\u{c3}\u{a9}l\u{e9}".into()),
                     study_instance_uid: Some("1.2.4".into()),
                     ..DatasetSummary::default()
                 }),

@@ -126,6 +126,23 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Opens (creating if needed) a lock file read-only: flock needs no write access, and
+/// a file held open for writing would keep the storage filesystem from being remounted
+/// read-only by an operator.
+fn open_lock(path: &Path) -> io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)?;
+            File::open(path)
+        }
+        opened => opened,
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -139,11 +156,7 @@ impl Store {
         for sub in ["sop", "run", "tmp", "journal"] {
             fs::create_dir_all(private.join(sub))?;
         }
-        let commit_flock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(private.join("lock"))?;
+        let commit_flock = open_lock(&private.join("lock"))?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -153,7 +166,7 @@ impl Store {
         // whose lock file exists but is not yet held.
         flock(&commit_flock, libc::LOCK_EX)?;
         let registered = (|| {
-            let run_lock = File::create(private.join("run").join(format!("{run_id}.lock")))?;
+            let run_lock = open_lock(&private.join("run").join(format!("{run_id}.lock")))?;
             flock(&run_lock, libc::LOCK_EX | libc::LOCK_NB)?;
             sweep_dead_runs(&private)?;
             let tmp_dir = private.join("tmp").join(&run_id);
@@ -568,7 +581,7 @@ fn sweep_dead_runs(private: &Path) -> io::Result<usize> {
 }
 
 fn run_is_alive(lock_path: &Path) -> bool {
-    let Ok(file) = OpenOptions::new().write(true).open(lock_path) else {
+    let Ok(file) = File::open(lock_path) else {
         return false;
     };
     // SAFETY: flock on a descriptor we own; a successful probe lock is released on close.
@@ -583,11 +596,7 @@ pub fn sweep_temporaries(root: &Path) -> io::Result<usize> {
     if !private.join("tmp").is_dir() {
         return Ok(0);
     }
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(private.join("lock"))?;
+    let lock = open_lock(&private.join("lock"))?;
     flock(&lock, libc::LOCK_EX)?;
     let result = sweep_dead_runs(&private);
     flock(&lock, libc::LOCK_UN)?;
