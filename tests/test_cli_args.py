@@ -176,17 +176,27 @@ def test_storage_dir_is_a_file(tmp_path: Path) -> None:
     assert_error(result, f"storage directory {blocker} exists and is not a directory")
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only dirs"
-)
 def test_storage_dir_not_writable(tmp_path: Path) -> None:
+    """An existing but unwritable storage dir: exit 1 naming the cause.
+
+    Root ignores permission bits, so as root the directory is a read-only tmpfs mount.
+    """
     store = tmp_path / "store"
     store.mkdir()
-    store.chmod(0o500)
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(store)], check=True
+        )
+    else:
+        store.chmod(0o500)
     try:
         result = run_cli("104", "PACS", "--storage-dir", str(store))
     finally:
-        store.chmod(0o700)
+        if as_root:
+            subprocess.run(["umount", str(store)], check=True)
+        else:
+            store.chmod(0o700)
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"Error: storage directory {store} is not writable: ")
