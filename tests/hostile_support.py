@@ -529,7 +529,7 @@ class LargeInstance:
 
     uid: str
     pixel_bytes: int
-    chunk: int = 256 * 1024
+    chunk: int = 128 * 1024  # one PDV per chunk, within the 256 KiB maximum PDU
     study_uid: str = f"{UID_ROOT}.901"
 
     def header(self) -> bytes:
