@@ -1,0 +1,6 @@
+//! Fuzz target `dimse`: see `storescp_fuzz::dimse` in src/lib.rs for what it drives and checks.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| storescp_fuzz::dimse(data));
