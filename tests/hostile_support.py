@@ -323,6 +323,7 @@ class Guard:
     root: Path
     called: str = "STORESCP"
     calling: str = "CANARY"
+    host: str = "127.0.0.1"
     listeners: int = 1
     stored: dict[Path, str] = field(default_factory=dict)
     outside: dict[str, tuple[str, int, int]] = field(default_factory=dict)
@@ -396,7 +397,9 @@ class Guard:
         allowed = dict(allowed or {})
         self.wait_idle()
         if canary:
-            uid, data = store_ok(self.server.port, called=self.called, calling=self.calling)
+            uid, data = store_ok(
+                self.server.port, called=self.called, calling=self.calling, host=self.host
+            )
             allowed[uid] = data
             required = [*required, uid]
             self.wait_idle()

@@ -420,8 +420,8 @@ def test_flood_beyond_max_assoc(server_factory: ServerFactory, tmp_path: Path) -
         extras = [connect(server.port) for _ in range(20)]
         try:
             uid = new_uid("37")
-            sent[uid] = instance_bytes(uid)
-            assert held[0].c_store(1, CT, uid, sent[uid]).status == 0
+            data = sent[uid] = instance_bytes(uid)
+            assert held[0].c_store(1, CT, uid, data).status == 0
             rq = associate_rq("STORESCP", "FLOOD", [Context(1, CT, [EXPLICIT_LE])])
             for sock in extras:
                 with contextlib.suppress(OSError):
@@ -440,8 +440,8 @@ def test_flood_beyond_max_assoc(server_factory: ServerFactory, tmp_path: Path) -
         assert rejected >= 16, f"only {rejected} of 20 got A-ASSOCIATE-RJ 2/3/2"
         for i, raw in enumerate(held):
             uid = new_uid("37")
-            sent[uid] = instance_bytes(uid)
-            rsp = raw.c_store(1, CT, uid, sent[uid])
+            data = sent[uid] = instance_bytes(uid)
+            rsp = raw.c_store(1, CT, uid, data)
             assert rsp.status == 0, f"held association {i}: {rsp.error_comment}"
             raw.release()
     finally:
