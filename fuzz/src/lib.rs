@@ -394,6 +394,15 @@ fn sniff_parts(encoding: Encoding, parts: &[&[u8]]) -> Result<(bool, DatasetSumm
             "finish repeats the feed error"
         );
     }
+    // A data set that validates to its end sniffs to the same summary.
+    let mut v = Sniffer::validating(encoding);
+    let validated = parts
+        .iter()
+        .try_for_each(|part| v.feed(part))
+        .and_then(|()| v.finish());
+    if let Ok(summary) = &validated {
+        assert_eq!(result.as_ref().ok(), Some(summary), "validating disagrees");
+    }
     result.map(|summary| (done, summary))
 }
 
@@ -541,7 +550,7 @@ impl Session {
             }
             command_field::C_STORE_RQ if command.has_data_set() => {
                 let (_, transfer_syntax) = self.context(context_id).unwrap_or_default();
-                let sniffer = Sniffer::new(Encoding::for_transfer_syntax(transfer_syntax));
+                let sniffer = Sniffer::validating(Encoding::for_transfer_syntax(transfer_syntax));
                 self.inflight = Some(InFlight {
                     context_id,
                     command,

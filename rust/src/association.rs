@@ -171,17 +171,27 @@ pub fn negotiate(rq: &AssociateRq, policy: &AcceptPolicy, peer: IpAddr) -> Negot
         });
     }
 
-    // SCP/SCU role selection (PS3.7 D.3.3.4): the requestor may only be an SCU here.
-    let role_selections = rq
-        .user_info
-        .role_selections
-        .iter()
-        .map(|r| RoleSelection {
-            sop_class_uid: r.sop_class_uid.clone(),
-            scu_role: r.scu_role,
-            scp_role: false,
-        })
-        .collect();
+    // SCP/SCU role selection (PS3.7 D.3.3.4): the requestor may only be an SCU here. Only
+    // classes of an accepted context are answered, each once: an answer for anything else
+    // means nothing, and echoing every item of a hostile RQ would overflow the User
+    // Information Item's 16-bit length.
+    let mut role_selections: Vec<RoleSelection> = Vec::new();
+    for r in &rq.user_info.role_selections {
+        let accepted = contexts
+            .iter()
+            .any(|c| c.abstract_syntax == r.sop_class_uid);
+        if accepted
+            && !role_selections
+                .iter()
+                .any(|s| s.sop_class_uid == r.sop_class_uid)
+        {
+            role_selections.push(RoleSelection {
+                sop_class_uid: r.sop_class_uid.clone(),
+                scu_role: r.scu_role,
+                scp_role: false,
+            });
+        }
+    }
 
     Negotiation::Accept {
         ac: AssociateAc {
@@ -309,6 +319,28 @@ mod tests {
             negotiate(&req, &p, mapped),
             Negotiation::Accept { .. }
         ));
+    }
+
+    #[test]
+    fn role_selection_answered_once_per_accepted_class() {
+        let mut req = rq(vec![(1, CT, vec![IMPLICIT]), (3, MR, vec![IMPLICIT])]);
+        let role = |uid: &str| RoleSelection {
+            sop_class_uid: uid.into(),
+            scu_role: true,
+            scp_role: true,
+        };
+        req.user_info.role_selections = vec![role(CT), role(MR), role(CT)];
+        let Negotiation::Accept { ac, .. } = negotiate(&req, &policy(), peer()) else {
+            panic!("rejected");
+        };
+        assert_eq!(
+            ac.role_selections,
+            [RoleSelection {
+                sop_class_uid: CT.into(),
+                scu_role: true,
+                scp_role: false,
+            }]
+        );
     }
 
     #[test]

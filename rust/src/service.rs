@@ -532,7 +532,9 @@ impl Session<'_> {
             Some(c) => (c.abstract_syntax.as_str(), c.transfer_syntax.as_str()),
             None => ("", ""),
         };
-        let sniffer = Box::new(Sniffer::new(Encoding::for_transfer_syntax(transfer_syntax)));
+        let sniffer = Box::new(Sniffer::validating(Encoding::for_transfer_syntax(
+            transfer_syntax,
+        )));
         let sop_class = command
             .affected_sop_class_uid
             .as_deref()

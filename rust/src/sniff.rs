@@ -5,8 +5,11 @@
 //! The data set of a C-STORE arrives in P-DATA fragments of any size; other code writes
 //! those bytes to disk unchanged, and this module sees the same bytes to extract, from the
 //! top level of the data set only, the few attributes the server needs (UIDs for the file
-//! name and checks, and a few descriptive values for events). It stops as soon as it sees a
-//! top-level tag greater than (0020,000E); after that [`Sniffer::feed`] is a no-op.
+//! name and checks, and a few descriptive values for events). A [`Sniffer::new`] stops as
+//! soon as it sees a top-level tag greater than (0020,000E); after that [`Sniffer::feed`] is
+//! a no-op. A [`Sniffer::validating`] one goes on walking the element framing (headers
+//! only, values skipped) to the end, so that [`Sniffer::finish`] also reports a data set
+//! whose element, item or sequence lengths overrun its end: a file that would not parse.
 //!
 //! Memory stays bounded whatever the input: a 12-byte pending header, wanted values of at
 //! most [`MAX_VALUE_LEN`] bytes, a nesting stack of at most [`MAX_DEPTH`] sequences, and
@@ -305,11 +308,17 @@ struct Parser {
     summary: DatasetSummary,
     /// Bytes consumed so far.
     pos: u64,
+    /// Walk the framing to the end instead of stopping after (0020,000E).
+    walk_to_end: bool,
+    /// A top-level tag above (0020,000E) was seen: no more values are collected.
+    summary_final: bool,
 }
 
 impl Parser {
-    fn new(base: Syntax) -> Parser {
+    fn new(base: Syntax, walk_to_end: bool) -> Parser {
         Parser {
+            walk_to_end,
+            summary_final: false,
             base,
             state: State::Header,
             hdr: [0; 12],
@@ -435,9 +444,12 @@ impl Parser {
         }
         let tag = (u32::from(syntax.u16(self.hdr2(0))) << 16) | u32::from(syntax.u16(self.hdr2(2)));
         if self.stack.is_empty() && tag > LAST_WANTED {
-            self.state = State::Done;
-            self.hdr_len = 0;
-            return Ok(());
+            self.summary_final = true;
+            if !self.walk_to_end {
+                self.state = State::Done;
+                self.hdr_len = 0;
+                return Ok(());
+            }
         }
         if in_sequence || tag >> 16 == 0xFFFE {
             // Item and delimiter tags never have a VR (PS3.5 section 7.5).
@@ -509,7 +521,7 @@ impl Parser {
             }
         };
         self.hdr_len = 0;
-        if self.stack.is_empty() && !is_sequence && is_wanted(tag) {
+        if self.stack.is_empty() && !is_sequence && !self.summary_final && is_wanted(tag) {
             if length as usize > MAX_VALUE_LEN {
                 return Err(SniffError::ValueTooLong { tag, length });
             }
@@ -571,14 +583,20 @@ impl Inflater {
         let mut out = [0u8; INFLATE_CHUNK];
         while !self.ended && !parser.is_done() {
             let (in_before, out_before) = (self.stream.total_in(), self.stream.total_out());
-            let status = self
+            let result = self
                 .stream
-                .decompress(input, &mut out, FlushDecompress::None)
-                .map_err(|e| SniffError::Inflate(e.to_string()))?;
+                .decompress(input, &mut out, FlushDecompress::None);
             let consumed = (self.stream.total_in() - in_before) as usize;
             let produced = (self.stream.total_out() - out_before) as usize;
             input = input.get(consumed..).unwrap_or_default();
+            // A failing call may still have produced bytes: parse them before judging the
+            // error, so that the outcome does not depend on where the fragments split.
             parser.feed(out.get(..produced).unwrap_or_default())?;
+            let status = match result {
+                Ok(status) => status,
+                Err(_) if parser.is_done() => break,
+                Err(e) => return Err(SniffError::Inflate(e.to_string())),
+            };
             if status == Status::StreamEnd {
                 self.ended = true;
             }
@@ -599,8 +617,20 @@ pub struct Sniffer {
 }
 
 impl Sniffer {
-    /// A sniffer for a data set in `encoding`, before its first byte.
+    /// A sniffer for a data set in `encoding`, before its first byte, that stops after
+    /// (0020,000E).
     pub fn new(encoding: Encoding) -> Sniffer {
+        Sniffer::with_mode(encoding, false)
+    }
+
+    /// A sniffer that also walks the element framing to the end of the data set (and
+    /// inflates all of a deflated one): [`Sniffer::finish`] then fails unless the data set
+    /// ends exactly after a complete top-level element. Never done before `finish`.
+    pub fn validating(encoding: Encoding) -> Sniffer {
+        Sniffer::with_mode(encoding, true)
+    }
+
+    fn with_mode(encoding: Encoding, walk_to_end: bool) -> Sniffer {
         let (implicit, big) = match encoding {
             Encoding::ImplicitVrLittle => (true, false),
             Encoding::ExplicitVrBig => (false, true),
@@ -613,7 +643,7 @@ impl Sniffer {
             })
         });
         Sniffer {
-            parser: Parser::new(Syntax { implicit, big }),
+            parser: Parser::new(Syntax { implicit, big }, walk_to_end),
             inflater,
             error: None,
         }
@@ -639,7 +669,8 @@ impl Sniffer {
         result
     }
 
-    /// True once a top-level tag above (0020,000E) was seen: the summary is final.
+    /// True once further bytes cannot change the result: a top-level tag above
+    /// (0020,000E) was seen by a non-validating sniffer.
     pub fn is_done(&self) -> bool {
         self.parser.is_done()
     }
@@ -923,6 +954,59 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    fn validate(encoding: Encoding, data: &[u8]) -> Result<DatasetSummary, SniffError> {
+        let mut s = Sniffer::validating(encoding);
+        s.feed(data)?;
+        assert!(!s.is_done());
+        s.finish()
+    }
+
+    /// A validating sniffer finds the same values, accepts a data set that ends after a
+    /// whole element, and refuses one whose framing after (0020,000E) overruns its end.
+    #[test]
+    fn validating_walks_to_the_end() {
+        for enc in ALL {
+            let e = encoding(enc);
+            let whole = sample(enc, true, true).concat();
+            assert_eq!(validate(e, &whole), Ok(expected()), "{enc:?}");
+            assert_eq!(
+                validate(Encoding::DeflatedExplicitVrLittle, &deflate(&whole)).is_ok(),
+                enc == Enc::Le
+            );
+            let head = sample(enc, false, false).concat();
+            let b = || B::new(enc);
+            for (what, tail) in [
+                (
+                    "value overruns",
+                    b().long_header(0x7FE0_0010, b"OB", 100).raw(&[0; 10]).out,
+                ),
+                (
+                    "sequence never closed",
+                    b().sq(0x0040_0275).item().item_end().out,
+                ),
+                (
+                    "item overruns",
+                    b().sq(0x0040_0275).tag(ITEM).u32(50).raw(&[0; 8]).out,
+                ),
+                ("header cut", b().tag(0x0040_0275).out),
+            ] {
+                let data = [head.as_slice(), &tail].concat();
+                assert_eq!(
+                    validate(e, &data),
+                    Err(SniffError::Truncated),
+                    "{enc:?} {what}"
+                );
+                let (done, plain) = sniff(e, &[&data]);
+                assert!(
+                    done && plain.is_ok(),
+                    "{enc:?} {what}: the plain sniffer stops early"
+                );
+            }
+        }
+        let cut = deflate(&[sample(Enc::Le, false, false).concat(), vec![0x10, 0, 0x10]].concat());
+        assert!(validate(Encoding::DeflatedExplicitVrLittle, &cut).is_err());
     }
 
     #[test]
