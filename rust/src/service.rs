@@ -113,7 +113,9 @@ pub fn reject_busy(shared: &Shared, stream: TcpStream, addr: SocketAddr, assoc_i
     };
     let mut reader = PduReader::new(stream, 4096);
     let limit = |t: u8| (t == pdu_type::ASSOCIATE_RQ).then_some(MAX_ASSOCIATE_RQ);
-    let mut wait = |w: Waiting| (w.idle >= REJECT_READ_TIMEOUT).then(|| "timeout".to_string());
+    let connected = Instant::now();
+    let mut wait =
+        |_: Waiting| (connected.elapsed() >= REJECT_READ_TIMEOUT).then(|| "timeout".to_string());
     if let Ok((_, body)) = reader.next_pdu(&limit, &mut wait) {
         if let Ok(rq) = pdu::parse_associate_rq(body) {
             peer.calling_ae = rq.calling_ae;
@@ -165,13 +167,17 @@ fn establish(
     addr: SocketAddr,
     peer: &mut Peer,
 ) -> Option<(Vec<Option<AcceptedContext>>, u32)> {
+    // ARTIM runs from the connection to the request (PS3.8 9.1.5): a deadline, not an
+    // idle timer, so a peer drip-feeding its request cannot hold a slot.
     let artim = shared.settings.artim_timeout;
+    let connected = Instant::now();
     let limit = |t: u8| (t == pdu_type::ASSOCIATE_RQ).then_some(MAX_ASSOCIATE_RQ);
-    let mut wait = |w: Waiting| {
+    let mut wait = |_: Waiting| {
         if shared.control.is_stopping() {
             Some("server shutting down".to_string())
         } else {
-            (w.idle >= artim).then(|| "no A-ASSOCIATE-RQ before the ARTIM timeout".to_string())
+            (connected.elapsed() >= artim)
+                .then(|| "no A-ASSOCIATE-RQ before the ARTIM timeout".to_string())
         }
     };
     let rq = match reader.next_pdu(&limit, &mut wait) {

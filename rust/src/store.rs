@@ -143,6 +143,14 @@ fn open_lock(path: &Path) -> io::Result<File> {
     }
 }
 
+/// True for the errors by which a filesystem says it has no O_TMPFILE (open(2)).
+fn tmpfile_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+    )
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -217,17 +225,14 @@ impl Store {
     /// where the filesystem allows: it never has a name until it has its final one, and
     /// the kernel frees it if the process dies.
     pub fn begin(&self, header: &[u8]) -> io::Result<Incoming> {
-        let (file, temp) = match self.open_anonymous() {
-            Some(file) => (file, TempName::Anonymous),
-            None => {
-                let path = self.next_temp_path();
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o644)
-                    .open(&path)?;
-                (file, TempName::Named(path))
+        let (file, temp) = match self.open_temporary() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The private area was removed under us (an operator cleaning up):
+                // recreate it, but never the storage root itself.
+                self.recreate_private()?;
+                self.open_temporary()?
             }
+            opened => opened?,
         };
         let mut incoming = Incoming {
             file,
@@ -240,24 +245,45 @@ impl Store {
         Ok(incoming)
     }
 
-    /// An O_TMPFILE in our temporary directory, or None once the filesystem said it
-    /// cannot (then named temporary files are used from then on).
-    fn open_anonymous(&self) -> Option<File> {
-        if !self.anonymous_ok.load(Ordering::Relaxed) {
-            return None;
-        }
-        let opened = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o644)
-            .open(&self.tmp_dir);
-        match opened {
-            Ok(file) => Some(file),
-            Err(_) => {
-                self.anonymous_ok.store(false, Ordering::Relaxed);
-                None
+    /// An O_TMPFILE in our temporary directory or, once the filesystem said it cannot
+    /// make one, a named file there.
+    fn open_temporary(&self) -> io::Result<(File, TempName)> {
+        if self.anonymous_ok.load(Ordering::Relaxed) {
+            let opened = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o644)
+                .open(&self.tmp_dir);
+            match opened {
+                Ok(file) => return Ok((file, TempName::Anonymous)),
+                Err(e) if !tmpfile_unsupported(&e) => return Err(e),
+                Err(_) => self.anonymous_ok.store(false, Ordering::Relaxed),
             }
         }
+        let path = self.next_temp_path();
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&path)?;
+        Ok((file, TempName::Named(path)))
+    }
+
+    /// Recreates the private area below an existing storage root.
+    fn recreate_private(&self) -> io::Result<()> {
+        if !self.config.root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "storage directory {} is missing",
+                    self.config.root.display()
+                ),
+            ));
+        }
+        for sub in ["sop", "run", "journal"] {
+            fs::create_dir_all(self.private.join(sub))?;
+        }
+        fs::create_dir_all(&self.tmp_dir)
     }
 
     fn next_temp_path(&self) -> PathBuf {

@@ -43,6 +43,8 @@ pub struct PduReader {
     /// Bytes of the PDU returned last, released at the next call.
     consumed: usize,
     last_activity: Instant,
+    /// When the wait policy was last consulted.
+    last_consulted: Instant,
 }
 
 impl PduReader {
@@ -56,6 +58,7 @@ impl PduReader {
             end: 0,
             consumed: 0,
             last_activity: Instant::now(),
+            last_consulted: Instant::now(),
         }
     }
 
@@ -66,8 +69,9 @@ impl PduReader {
 
     /// Returns the next whole PDU as (type, body). `limit(type)` is the largest body
     /// accepted for that type, or None when the type is not expected in this state.
-    /// `wait` is consulted whenever no byte arrived for [`POLL_INTERVAL`]; returning
-    /// Some(reason) abandons the read.
+    /// `wait` is consulted at least every [`POLL_INTERVAL`] while a PDU is awaited, whether
+    /// bytes trickle in or not (so a deadline holds against a drip-feeding peer), and
+    /// never while a whole PDU is buffered; returning Some(reason) abandons the read.
     pub fn next_pdu(
         &mut self,
         limit: &dyn Fn(u8) -> Option<usize>,
@@ -128,6 +132,9 @@ impl PduReader {
     /// Reads what is available into the free space, waking every poll interval.
     fn fill(&mut self, wait: &mut dyn FnMut(Waiting) -> Option<String>) -> Result<(), ReadError> {
         loop {
+            if self.last_consulted.elapsed() >= POLL_INTERVAL {
+                self.consult(wait)?;
+            }
             match self.stream.read(&mut self.buf[self.end..]) {
                 Ok(0) => {
                     return Err(if self.end == self.start {
@@ -147,17 +154,28 @@ impl PduReader {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    let waiting = Waiting {
-                        idle: self.last_activity.elapsed(),
-                        mid_pdu: self.end > self.start,
-                    };
-                    if let Some(why) = wait(waiting) {
-                        return Err(ReadError::Stopped(why));
-                    }
+                    self.consult(wait)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ReadError::Lost(format!("connection lost: {e}"))),
             }
+        }
+    }
+}
+
+impl PduReader {
+    fn consult(
+        &mut self,
+        wait: &mut dyn FnMut(Waiting) -> Option<String>,
+    ) -> Result<(), ReadError> {
+        self.last_consulted = Instant::now();
+        let waiting = Waiting {
+            idle: self.last_activity.elapsed(),
+            mid_pdu: self.end > self.start,
+        };
+        match wait(waiting) {
+            Some(why) => Err(ReadError::Stopped(why)),
+            None => Ok(()),
         }
     }
 }
@@ -232,6 +250,32 @@ mod tests {
         client.write_all(&[0x42, 0, 0, 0, 0, 4]).unwrap();
         let err = reader.next_pdu(&limit, &mut |_| None).unwrap_err();
         assert!(matches!(err, ReadError::Protocol { reason: 1, .. }));
+    }
+
+    /// A peer sending a byte more often than the poll interval still meets the policy.
+    #[test]
+    fn wait_policy_consulted_while_bytes_trickle() {
+        let (mut client, mut reader) = pair();
+        // A P-DATA-TF header announcing 1000 bytes, then its body a byte at a time.
+        client.write_all(&[4, 0, 0, 0, 0x03, 0xE8]).unwrap();
+        let drip = std::thread::spawn(move || {
+            for _ in 0..40 {
+                if client.write_all(&[1]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let started = Instant::now();
+        let err = reader
+            .next_pdu(&any, &mut |_| {
+                (started.elapsed() >= POLL_INTERVAL).then(|| "deadline".to_string())
+            })
+            .unwrap_err();
+        assert!(matches!(err, ReadError::Stopped(ref s) if s == "deadline"));
+        assert!(started.elapsed() < Duration::from_millis(350));
+        drop(reader);
+        drip.join().unwrap();
     }
 
     #[test]
