@@ -53,7 +53,9 @@ class Event:
     "echo", "store", "error".
     For "store", `outcome` is one of "stored", "replaced", "duplicate", "ignored",
     "refused", "failed"; `status` is the DIMSE status sent (or about to be sent);
-    `ack_token` is non-zero when the core waits for ack() before answering.
+    `ack_token` is non-zero when the core waits for ack() before answering;
+    `journal_offset` is then a watermark of `journal`: every line before it belongs to
+    an event queued earlier (or to a commit that was abandoned).
     """
 
     kind: str

@@ -49,6 +49,7 @@ pub struct Event {
     pub file_size: u64,
     pub data_set_bytes: u64,
     pub journal: String,
+    /// Watermark of `journal`: every line before it belongs to an event queued earlier.
     pub journal_offset: u64,
     pub ack_token: u64,
 }

@@ -670,18 +670,18 @@ impl Session<'_> {
                 }
             },
         };
-        self.settle(&mut event, verdict);
-        let (code, comment) = if event.journal.is_empty() {
-            let answer = (event.status, event.error_comment.clone());
-            if answer.0 != status::SUCCESS || self.shared.settings.report_stored {
-                self.shared.events.push(event);
+        let (code, comment) = match self.settle(&mut event, verdict) {
+            None => {
+                let answer = (event.status, event.error_comment.clone());
+                if answer.0 != status::SUCCESS || self.shared.settings.report_stored {
+                    self.shared.events.push(event);
+                }
+                answer
             }
-            answer
-        } else {
-            match self.await_index(event) {
+            Some(journal_line) => match self.await_index(event, journal_line) {
                 Some(answer) => answer,
                 None => return false,
-            }
+            },
         };
         let rsp = dimse::encode_c_store_rsp(
             command.message_id,
@@ -752,8 +752,13 @@ impl Session<'_> {
             .map_err(|e| (status::OUT_OF_RESOURCES, format!("cannot store: {e}")))
     }
 
-    /// Fills the event's outcome, status and Error Comment, and counts it.
-    fn settle(&self, event: &mut Event, verdict: Result<(Committed, String), (u16, String)>) {
+    /// Fills the event's outcome, status and Error Comment, and counts it. Returns the
+    /// start of its journal line when the index must commit it before success.
+    fn settle(
+        &self,
+        event: &mut Event,
+        verdict: Result<(Committed, String), (u16, String)>,
+    ) -> Option<u64> {
         let stats = &self.shared.stats;
         match verdict {
             Err((code, comment)) => {
@@ -769,7 +774,6 @@ impl Session<'_> {
             Ok((committed, relpath)) => {
                 event.path = relpath;
                 event.file_size = committed.file_size;
-                event.journal_offset = committed.journal_offset;
                 event.status = status::SUCCESS;
                 match committed.outcome {
                     Outcome::Stored => event.outcome = "stored",
@@ -794,19 +798,24 @@ impl Session<'_> {
                 if matches!(event.outcome, "stored" | "replaced") {
                     Stats::add(&stats.instances_stored, 1);
                     Stats::add(&stats.stored_bytes, committed.file_size);
-                    if self.shared.store.config().journal {
+                    if committed.journal_line.is_some() {
                         event.journal = self.shared.store.journal_name();
                     }
+                    return committed.journal_line;
                 }
             }
         }
+        None
     }
 
     /// Queues a journaled store event and waits until Python has committed its index
     /// row. Returns the status to answer, or None when the server stops first.
-    fn await_index(&self, event: Event) -> Option<(u16, String)> {
+    fn await_index(&self, mut event: Event, journal_line: u64) -> Option<(u16, String)> {
         let shared = self.shared;
-        let token = shared.events.push_for_ack(event);
+        let token = shared.store.publish_journaled(journal_line, |watermark| {
+            event.journal_offset = watermark;
+            shared.events.push_for_ack(event)
+        });
         match shared
             .events
             .wait_ack(token, &|| shared.control.is_hard_stopped())

@@ -2,8 +2,11 @@
 //! decision, fsync and rename into the final name (SPEC.md section 4; PS3.10 files).
 //!
 //! Layout of the private area `ROOT/.storescp/` (hidden, same filesystem as the files):
-//! - `lock`: `flock`ed around every commit, so the duplicate decision is atomic across
-//!   threads *and* processes sharing the root.
+//! - `lock`: `flock`ed while a process registers its run and sweeps dead ones.
+//! - `lock.d/<k>` (k = 0..15): shard k is held (a mutex for threads, `flock` for
+//!   processes) around the commit of every SOP Instance UID that hashes to k, so the
+//!   duplicate decision is atomic across threads *and* processes sharing the root, while
+//!   instances of different shards commit in parallel.
 //! - `sop/<SOPInstanceUID>`: a symlink whose target is the file's path relative to the
 //!   root: the registry of what is stored, whatever the naming scheme. A dangling link
 //!   (a crash between linking and renaming) counts as "not stored".
@@ -12,8 +15,13 @@
 //! - `journal/<runid>.log`: with an index, one line per instance appended before the
 //!   file gets its final name: `op \t sop_uid \t relpath \t replaced_relpath \n`, and
 //!   (with fsync on) made durable before success, so the index may commit without its
-//!   own fsync: reconciliation replays the journal after a crash or power loss.
+//!   own fsync: reconciliation replays the journal after a crash or power loss. Commits
+//!   of different shards finish in any order, so each published event carries a
+//!   watermark rather than its own line's end: every line before it has been settled
+//!   (its event queued ahead, or its commit abandoned), so the index may record that
+//!   offset as replayed-up-to once the event's row is committed.
 
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -75,7 +83,16 @@ pub enum Outcome {
 pub struct Committed {
     pub outcome: Outcome,
     pub file_size: u64,
-    pub journal_offset: u64,
+    /// Start offset of its journal line, to hand to [`Store::publish_journaled`]; None
+    /// without a journal or when nothing was stored.
+    pub journal_line: Option<u64>,
+}
+
+/// The journal of this run: the file, its length, and the lines not yet settled.
+struct Journal {
+    file: File,
+    end: u64,
+    unsettled: BTreeSet<u64>,
 }
 
 /// An open storage root, shared by every association of this process.
@@ -86,8 +103,9 @@ pub struct Store {
     run_id: String,
     /// Held (flock) for the life of the process: tells others this run is alive.
     _run_lock: File,
-    commit_lock: Mutex<CommitState>,
-    commit_flock: File,
+    /// Per shard: the in-process mutex and the cross-process lock file.
+    shards: Vec<(Mutex<()>, File)>,
+    journal: Mutex<Option<Journal>>,
     next_tmp: AtomicU64,
     /// A second handle on the journal, to fdatasync it outside the commit lock.
     journal_sync: Option<File>,
@@ -95,13 +113,12 @@ pub struct Store {
     anonymous_ok: AtomicBool,
 }
 
-struct CommitState {
-    journal: Option<(File, u64)>,
-}
+/// Number of commit lock shards (see the module documentation).
+const SHARDS: usize = 16;
 
-/// The process-wide commit lock: a mutex for threads, `flock` for processes.
+/// One commit lock shard, held: a mutex for threads, `flock` for processes.
 struct CommitGuard<'a> {
-    state: MutexGuard<'a, CommitState>,
+    _thread: MutexGuard<'a, ()>,
     file: &'a File,
 }
 
@@ -165,6 +182,15 @@ impl Store {
             fs::create_dir_all(private.join(sub))?;
         }
         let commit_flock = open_lock(&private.join("lock"))?;
+        fs::create_dir_all(private.join("lock.d"))?;
+        let shards = (0..SHARDS)
+            .map(|k| {
+                Ok((
+                    Mutex::new(()),
+                    open_lock(&private.join("lock.d").join(k.to_string()))?,
+                ))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -186,13 +212,17 @@ impl Store {
         let journal = if config.journal {
             let path = private.join("journal").join(format!("{run_id}.log"));
             let file = OpenOptions::new().create(true).append(true).open(path)?;
-            let len = file.metadata()?.len();
-            Some((file, len))
+            let end = file.metadata()?.len();
+            Some(Journal {
+                file,
+                end,
+                unsettled: BTreeSet::new(),
+            })
         } else {
             None
         };
         let journal_sync = match (&journal, config.fsync) {
-            (Some((file, _)), true) => Some(file.try_clone()?),
+            (Some(j), true) => Some(j.file.try_clone()?),
             _ => None,
         };
 
@@ -202,9 +232,9 @@ impl Store {
             tmp_dir,
             run_id,
             _run_lock: run_lock,
-            commit_lock: Mutex::new(CommitState { journal }),
+            shards,
+            journal: Mutex::new(journal),
             journal_sync,
-            commit_flock,
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
         })
@@ -291,12 +321,19 @@ impl Store {
         self.tmp_dir.join(format!("{n}.part"))
     }
 
-    fn lock(&self) -> io::Result<CommitGuard<'_>> {
-        let state = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
-        flock(&self.commit_flock, libc::LOCK_EX)?;
+    /// Holds the commit shard of `sop_uid`. The shard must not depend on anything but
+    /// the UID: every process maps a UID to the same lock file.
+    fn lock(&self, sop_uid: &str) -> io::Result<CommitGuard<'_>> {
+        // FNV-1a: stable across processes and versions, unlike std's hasher.
+        let hash = sop_uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let (mutex, file) = &self.shards[(hash % SHARDS as u64) as usize];
+        let thread = mutex.lock().unwrap_or_else(|e| e.into_inner());
+        flock(file, libc::LOCK_EX)?;
         Ok(CommitGuard {
-            state,
-            file: &self.commit_flock,
+            _thread: thread,
+            file,
         })
     }
 
@@ -316,33 +353,52 @@ impl Store {
             incoming.file.sync_data()?;
         }
         let file_size = incoming.size;
-        let link = self.private.join("sop").join(sop_uid);
+        let mut journal_line = None;
+        let decided = self.decide_and_place(&mut incoming, relpath, sop_uid, &mut journal_line);
+        let synced = decided.and_then(|(outcome, created)| {
+            if matches!(outcome, Outcome::Stored | Outcome::Replaced(_)) {
+                self.sync_placed(relpath, created)?;
+            }
+            Ok(outcome)
+        });
+        let keep_line = matches!(synced, Ok(Outcome::Stored | Outcome::Replaced(_)));
+        if let (false, Some(start)) = (keep_line, journal_line) {
+            self.publish_journaled(start, |_| ());
+        }
+        Ok(Committed {
+            outcome: synced?,
+            file_size,
+            journal_line: journal_line.filter(|_| keep_line),
+        })
+    }
 
-        let mut guard = self.lock()?;
+    /// The duplicate decision and the placement, under the UID's commit shard. Sets
+    /// `journal_line` as soon as a journal line is written.
+    fn decide_and_place(
+        &self,
+        incoming: &mut Incoming,
+        relpath: &str,
+        sop_uid: &str,
+        journal_line: &mut Option<u64>,
+    ) -> io::Result<(Outcome, Vec<PathBuf>)> {
+        let link = self.private.join("sop").join(sop_uid);
+        let _guard = self.lock(sop_uid)?;
         let registered = fs::read_link(&link)
             .ok()
             .map(|target| target.to_string_lossy().into_owned());
         let existing = registered
             .clone()
             .filter(|old| self.config.root.join(old).is_file());
-        let decided = |outcome| {
-            Ok(Committed {
-                outcome,
-                file_size,
-                journal_offset: 0,
-            })
-        };
-        let journal_offset;
-        let (outcome, created) = match (existing, self.config.duplicate) {
-            (Some(old), DuplicatePolicy::Reject) => return decided(Outcome::Duplicate(old)),
-            (Some(old), DuplicatePolicy::Ignore) => return decided(Outcome::Ignored(old)),
+        Ok(match (existing, self.config.duplicate) {
+            (Some(old), DuplicatePolicy::Reject) => (Outcome::Duplicate(old), Vec::new()),
+            (Some(old), DuplicatePolicy::Ignore) => (Outcome::Ignored(old), Vec::new()),
             (Some(old), DuplicatePolicy::Replace) => {
                 let outcome = Outcome::Replaced(old.clone());
-                journal_offset = self.append_journal(&mut guard, &outcome, sop_uid, relpath)?;
+                *journal_line = self.append_journal(&outcome, sop_uid, relpath)?;
                 if old != relpath {
                     self.point_registry(&link, relpath, true)?;
                 }
-                let created = self.place(&mut incoming, relpath, true)?;
+                let created = self.place(incoming, relpath, true)?;
                 if old != relpath {
                     // The new file is in place; a failure here leaves a stale copy, not a loss.
                     let _ = fs::remove_file(self.config.root.join(&old));
@@ -350,48 +406,56 @@ impl Store {
                 (outcome, created)
             }
             (None, policy) => {
-                journal_offset =
-                    self.append_journal(&mut guard, &Outcome::Stored, sop_uid, relpath)?;
+                *journal_line = self.append_journal(&Outcome::Stored, sop_uid, relpath)?;
                 self.point_registry(&link, relpath, registered.is_some())?;
-                match self.place(&mut incoming, relpath, false) {
+                match self.place(incoming, relpath, false) {
                     Ok(created) => (Outcome::Stored, created),
                     // A file already there under that name (stored before the registry
                     // existed, or placed by hand): it is the stored copy.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match policy {
                         DuplicatePolicy::Reject => {
-                            return decided(Outcome::Duplicate(relpath.to_string()))
+                            (Outcome::Duplicate(relpath.to_string()), Vec::new())
                         }
                         DuplicatePolicy::Ignore => {
-                            return decided(Outcome::Ignored(relpath.to_string()))
+                            (Outcome::Ignored(relpath.to_string()), Vec::new())
                         }
                         DuplicatePolicy::Replace => (
                             Outcome::Replaced(relpath.to_string()),
-                            self.place(&mut incoming, relpath, true)?,
+                            self.place(incoming, relpath, true)?,
                         ),
                     },
                     Err(e) => return Err(e),
                 }
             }
-        };
-        drop(guard);
-
-        if self.config.fsync {
-            // First, while the directory entry is still in the filesystem's running
-            // transaction: the directory fsync below then finds little left to commit.
-            if let Some(journal) = &self.journal_sync {
-                journal.sync_data()?;
-            }
-            let final_path = self.config.root.join(relpath);
-            fsync_dir(final_path.parent().unwrap_or(&self.config.root))?;
-            for dir in created {
-                fsync_dir(&dir)?;
-            }
-        }
-        Ok(Committed {
-            outcome,
-            file_size,
-            journal_offset,
         })
+    }
+
+    /// With fsync on, makes the journal line and the new directory entries durable.
+    fn sync_placed(&self, relpath: &str, created: Vec<PathBuf>) -> io::Result<()> {
+        if !self.config.fsync {
+            return Ok(());
+        }
+        if let Some(journal) = &self.journal_sync {
+            journal.sync_data()?;
+        }
+        let final_path = self.config.root.join(relpath);
+        fsync_dir(final_path.parent().unwrap_or(&self.config.root))?;
+        for dir in created {
+            fsync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Settles the journal line starting at `start` and calls `publish` with the
+    /// watermark (every line before it settled) while no other line can settle, so
+    /// that an event queued by `publish` follows the events of all those lines.
+    pub fn publish_journaled<T>(&self, start: u64, publish: impl FnOnce(u64) -> T) -> T {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let watermark = journal.as_mut().map_or(0, |j| {
+            j.unsettled.remove(&start);
+            j.unsettled.first().copied().unwrap_or(j.end)
+        });
+        publish(watermark)
     }
 
     /// Points the registry entry at `relpath`; `replace` when an entry may exist
@@ -403,7 +467,8 @@ impl Store {
                 done => return done,
             }
         }
-        let staged = self.tmp_dir.join("registry-link");
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let staged = self.tmp_dir.join(format!("{n}.link"));
         let _ = fs::remove_file(&staged);
         std::os::unix::fs::symlink(relpath, &staged)?;
         fs::rename(&staged, link)
@@ -459,27 +524,35 @@ impl Store {
         Ok(())
     }
 
+    /// Appends the journal line of a placement about to happen; its start offset, or
+    /// None without a journal.
     fn append_journal(
         &self,
-        guard: &mut CommitGuard<'_>,
         outcome: &Outcome,
         sop_uid: &str,
         relpath: &str,
-    ) -> io::Result<u64> {
+    ) -> io::Result<Option<u64>> {
         if !self.config.journal {
-            return Ok(0);
+            return Ok(None);
         }
         let (op, replaced) = match outcome {
             Outcome::Replaced(old) => ("replaced", old.as_str()),
             _ => ("stored", ""),
         };
         let line = format!("{op}\t{sop_uid}\t{relpath}\t{replaced}\n");
-        let Some((file, offset)) = guard.state.journal.as_mut() else {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(j) = journal.as_mut() else {
             return Err(io::Error::other("journal not open"));
         };
-        file.write_all(line.as_bytes())?;
-        *offset += line.len() as u64;
-        Ok(*offset)
+        if let Err(e) = j.file.write_all(line.as_bytes()) {
+            // A partial line may have been written: later offsets follow the file.
+            j.end = j.file.metadata().map_or(j.end, |m| m.len());
+            return Err(e);
+        }
+        let start = j.end;
+        j.end += line.len() as u64;
+        j.unsettled.insert(start);
+        Ok(Some(start))
     }
 
     /// Creates the directories of `relpath` below the root; returns the parents whose
@@ -688,6 +761,26 @@ mod tests {
             .unwrap()
             .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
             .sum()
+    }
+
+    /// Commits that finish out of order publish a watermark below every unsettled line;
+    /// a duplicate writes no line and a refused placement settles its own.
+    #[test]
+    fn journal_watermark_waits_for_unsettled_lines() {
+        let root = tempdir("watermark");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        let commit = |uid: &str| {
+            let inc = s.begin(b"HDR").unwrap();
+            s.commit(inc, &format!("{uid}.dcm"), uid).unwrap()
+        };
+        let (a, b) = (commit("1.1"), commit("1.22"));
+        let (a, b) = (a.journal_line.unwrap(), b.journal_line.unwrap());
+        assert_eq!((a, b), (0, "stored\t1.1\t1.1.dcm\t\n".len() as u64));
+        assert_eq!(s.publish_journaled(b, |w| w), a, "the first line is still open");
+        let end = "stored\t1.22\t1.22.dcm\t\n".len() as u64 + b;
+        assert_eq!(s.publish_journaled(a, |w| w), end);
+        assert_eq!(commit("1.1").journal_line, None, "a duplicate has no line");
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
