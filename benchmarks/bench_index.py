@@ -66,7 +66,7 @@ def run(workdir: Path, batch: int, instances: int, fsync: bool) -> float:
     """Rows per second for one fresh index."""
     db = workdir / f"bench-{batch}-{fsync}-{time.monotonic_ns()}.db"
     todo = events(instances)
-    with Index.open(db, workdir, fsync=fsync) as index:
+    with Index.open(db, workdir, durable=fsync) as index:
         start = time.perf_counter()
         for i in range(0, len(todo), batch):
             index.record(todo[i : i + batch])
