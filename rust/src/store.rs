@@ -776,7 +776,11 @@ mod tests {
         let (a, b) = (commit("1.1"), commit("1.22"));
         let (a, b) = (a.journal_line.unwrap(), b.journal_line.unwrap());
         assert_eq!((a, b), (0, "stored\t1.1\t1.1.dcm\t\n".len() as u64));
-        assert_eq!(s.publish_journaled(b, |w| w), a, "the first line is still open");
+        assert_eq!(
+            s.publish_journaled(b, |w| w),
+            a,
+            "the first line is still open"
+        );
         let end = "stored\t1.22\t1.22.dcm\t\n".len() as u64 + b;
         assert_eq!(s.publish_journaled(a, |w| w), end);
         assert_eq!(commit("1.1").journal_line, None, "a duplicate has no line");
