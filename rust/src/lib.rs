@@ -8,6 +8,7 @@
 pub mod association;
 pub mod dimse;
 pub mod events;
+pub mod group_sync;
 pub mod meta;
 pub mod naming;
 pub mod pdu;

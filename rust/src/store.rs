@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::group_sync::{DirectorySyncs, SyncGroup};
 use crate::naming::Naming;
 
 /// Name of the private area under the storage root.
@@ -109,6 +110,9 @@ pub struct Store {
     next_tmp: AtomicU64,
     /// A second handle on the journal, to fdatasync it outside the commit lock.
     journal_sync: Option<File>,
+    /// Group commit of the journal's and the directories' fsyncs across associations.
+    journal_syncs: SyncGroup,
+    dir_syncs: DirectorySyncs,
     /// Cleared once the filesystem refuses O_TMPFILE.
     anonymous_ok: AtomicBool,
 }
@@ -166,10 +170,6 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
     )
-}
-
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl Store {
@@ -235,6 +235,8 @@ impl Store {
             shards,
             journal: Mutex::new(journal),
             journal_sync,
+            journal_syncs: SyncGroup::default(),
+            dir_syncs: DirectorySyncs::default(),
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
         })
@@ -436,12 +438,13 @@ impl Store {
             return Ok(());
         }
         if let Some(journal) = &self.journal_sync {
-            journal.sync_data()?;
+            self.journal_syncs.sync(|| journal.sync_data())?;
         }
         let final_path = self.config.root.join(relpath);
-        fsync_dir(final_path.parent().unwrap_or(&self.config.root))?;
+        self.dir_syncs
+            .sync(final_path.parent().unwrap_or(&self.config.root))?;
         for dir in created {
-            fsync_dir(&dir)?;
+            self.dir_syncs.sync(&dir)?;
         }
         Ok(())
     }
