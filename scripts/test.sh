@@ -24,6 +24,8 @@ echo "== rust: fmt, clippy, unit tests"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace -q 2>&1 | tail -n 5
+echo "== fuzz: replay the committed seeds and past findings (no libFuzzer)"
+cargo test --manifest-path fuzz/Cargo.toml -q 2>&1 | tail -n 3
 
 echo "== python: ruff, mypy"
 "$VENV/bin/ruff" check python tests benchmarks

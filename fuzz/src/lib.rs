@@ -428,14 +428,6 @@ pub fn sniff(data: &[u8]) {
         i += 1;
     }
     let split = sniff_parts(encoding, &parts);
-    // KNOWN BUG (reported with fuzz/README.md, test `deflate_error_after_the_header` in
-    // rust/tests/properties.rs): when one inflate call both produces output and meets a
-    // corrupt block, the sniffer drops that output and reports the inflate error, so a
-    // data set fed whole fails where the same bytes fed in pieces succeed. Tolerated here
-    // so that fuzzing goes on finding other things; remove once fixed.
-    if matches!(whole, Err(SniffError::Inflate(_))) {
-        return;
-    }
     assert_eq!(whole, split, "{encoding:?}: result depends on the split");
     if let Ok((_, summary)) = &whole {
         check_summary(summary);
