@@ -385,8 +385,16 @@ impl Store {
     ) -> io::Result<(Outcome, Vec<PathBuf>)> {
         let link = self.private.join("sop").join(sop_uid);
         let _guard = self.lock(sop_uid)?;
-        let registered = fs::read_link(&link)
-            .ok()
+        // Claiming the registry entry is also the check: it exists only for a UID seen
+        // before (a crash may leave one dangling, which counts as not stored).
+        let claimed = match std::os::unix::fs::symlink(relpath, &link) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        let registered = (!claimed)
+            .then(|| fs::read_link(&link).ok())
+            .flatten()
             .map(|target| target.to_string_lossy().into_owned());
         let existing = registered
             .clone()
@@ -398,7 +406,7 @@ impl Store {
                 let outcome = Outcome::Replaced(old.clone());
                 *journal_line = self.append_journal(&outcome, sop_uid, relpath)?;
                 if old != relpath {
-                    self.point_registry(&link, relpath, true)?;
+                    self.point_registry(&link, relpath)?;
                 }
                 let created = self.place(incoming, relpath, true)?;
                 if old != relpath {
@@ -409,7 +417,9 @@ impl Store {
             }
             (None, policy) => {
                 *journal_line = self.append_journal(&Outcome::Stored, sop_uid, relpath)?;
-                self.point_registry(&link, relpath, registered.is_some())?;
+                if !claimed {
+                    self.point_registry(&link, relpath)?;
+                }
                 match self.place(incoming, relpath, false) {
                     Ok(created) => (Outcome::Stored, created),
                     // A file already there under that name (stored before the registry
@@ -461,15 +471,9 @@ impl Store {
         publish(watermark)
     }
 
-    /// Points the registry entry at `relpath`; `replace` when an entry may exist
-    /// (dangling or pointing elsewhere), which is then swapped atomically.
-    fn point_registry(&self, link: &Path, relpath: &str, replace: bool) -> io::Result<()> {
-        if !replace {
-            match std::os::unix::fs::symlink(relpath, link) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                done => return done,
-            }
-        }
+    /// Points an existing registry entry (dangling or pointing elsewhere) at `relpath`,
+    /// swapping it atomically.
+    fn point_registry(&self, link: &Path, relpath: &str) -> io::Result<()> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let staged = self.tmp_dir.join(format!("{n}.link"));
         let _ = fs::remove_file(&staged);
