@@ -82,6 +82,13 @@ pub struct Shared {
     listener_done: AtomicBool,
 }
 
+impl Shared {
+    /// Associations being served right now.
+    pub fn active_associations(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
 /// Why a server could not start.
 #[derive(Debug)]
 pub enum StartError {

@@ -19,6 +19,8 @@ use crate::transport::{PduReader, ReadError, Waiting};
 
 /// Largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
 const MAX_ASSOCIATE_RQ: usize = 1 << 20;
+/// How long an idle association polls for its next request before its read sleeps.
+const SPIN_FOR_NEXT_REQUEST: Duration = Duration::from_micros(50);
 /// Largest command set accepted; real ones are under 1 KB.
 const MAX_COMMAND_SET: usize = 64 * 1024;
 
@@ -352,6 +354,15 @@ impl Session<'_> {
         };
         loop {
             let busy = self.inflight.is_some() || !self.command.is_empty();
+            // Between messages the next request usually follows our response within
+            // microseconds; polling for it pays only while this association has a core
+            // to itself.
+            let alone = self.shared.active_associations() <= 1;
+            reader.spin = if !busy && alone {
+                SPIN_FOR_NEXT_REQUEST
+            } else {
+                Duration::ZERO
+            };
             let shared = self.shared;
             let idle_timeout = shared.settings.idle_timeout;
             let mut wait = |w: Waiting| {
