@@ -1,5 +1,5 @@
-//! Group commit of fsyncs: when several associations need the same file or directory on
-//! disk, one fsync that starts after all their changes serves them all.
+//! Group commit of fsyncs: when several associations need the same directory on disk,
+//! one fsync that starts after all their changes serves them all.
 //!
 //! A caller first makes its change (writes its journal line, links its file into a
 //! directory), then asks for a sync. A sync already running may have started before the

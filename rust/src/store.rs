@@ -12,10 +12,14 @@
 //!   (a crash between linking and renaming) counts as "not stored".
 //! - `run/<runid>.lock`: held (`flock`) by the process `runid` = "pid-nanos" while it runs.
 //! - `tmp/<runid>/`: that process's temporary files; swept at start once the owner is gone.
-//! - `journal/<runid>.log`: with an index, one line per instance appended before the
-//!   file gets its final name: `op \t sop_uid \t relpath \t replaced_relpath \n`, and
-//!   (with fsync on) made durable before success, so the index may commit without its
-//!   own fsync: reconciliation replays the journal after a crash or power loss. Commits
+//! - `journal/<runid>.log`: with an index, one line per instance written before the
+//!   file gets its final name: `op \t sop_uid \t relpath \t replaced_relpath \n`, so the
+//!   index may commit without its own fsync: reconciliation replays the journal after a
+//!   crash or power loss. With fsync on the line needs no flush of its own: the journal
+//!   is preallocated (zero-filled and synced ahead of use, so a line only overwrites
+//!   blocks already on disk, changing no metadata), the line is written to the device
+//!   before the instance's own `fdatasync`, and the device cache flush that ends that
+//!   `fdatasync` makes both durable at once. Commits
 //!   of different shards finish in any order, so each published event carries a
 //!   watermark rather than its own line's end: every line before it has been settled
 //!   (its event queued ahead, or its commit abandoned), so the index may record that
@@ -26,14 +30,14 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::group_sync::{DirectorySyncs, SyncGroup};
+use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
 
 /// Name of the private area under the storage root.
@@ -89,11 +93,33 @@ pub struct Committed {
     pub journal_line: Option<u64>,
 }
 
-/// The journal of this run: the file, its length, and the lines not yet settled.
+/// The journal of this run: the file, where the lines end, how far it is
+/// preallocated, and the lines not yet settled.
 struct Journal {
     file: File,
     end: u64,
+    allocated: u64,
     unsettled: BTreeSet<u64>,
+}
+
+/// The journal is preallocated this many bytes at a time (~20,000 lines).
+const JOURNAL_CHUNK: u64 = 4 << 20;
+
+impl Journal {
+    /// Zero-fills the next chunk and (with `fsync`) makes it durable, so that lines
+    /// written there later are overwrites of blocks already allocated and on disk.
+    fn preallocate(&mut self, fsync: bool) -> io::Result<()> {
+        let zeros = vec![0u8; 1 << 20];
+        for k in 0..JOURNAL_CHUNK / zeros.len() as u64 {
+            self.file
+                .write_all_at(&zeros, self.allocated + k * zeros.len() as u64)?;
+        }
+        if fsync {
+            self.file.sync_data()?;
+        }
+        self.allocated += JOURNAL_CHUNK;
+        Ok(())
+    }
 }
 
 /// An open storage root, shared by every association of this process.
@@ -108,10 +134,7 @@ pub struct Store {
     shards: Vec<(Mutex<()>, File)>,
     journal: Mutex<Option<Journal>>,
     next_tmp: AtomicU64,
-    /// A second handle on the journal, to fdatasync it outside the commit lock.
-    journal_sync: Option<File>,
-    /// Group commit of the journal's and the directories' fsyncs across associations.
-    journal_syncs: SyncGroup,
+    /// Group commit of the directories' fsyncs across associations.
     dir_syncs: DirectorySyncs,
     /// Cleared once the filesystem refuses O_TMPFILE.
     anonymous_ok: AtomicBool,
@@ -211,19 +234,18 @@ impl Store {
         let (run_lock, tmp_dir) = registered?;
         let journal = if config.journal {
             let path = private.join("journal").join(format!("{run_id}.log"));
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
-            let end = file.metadata()?.len();
-            Some(Journal {
+            // A new file per run: lines are written at known offsets (not O_APPEND).
+            let file = OpenOptions::new().create_new(true).write(true).open(path)?;
+            let mut journal = Journal {
                 file,
-                end,
+                end: 0,
+                allocated: 0,
                 unsettled: BTreeSet::new(),
-            })
+            };
+            journal.preallocate(config.fsync)?;
+            Some(journal)
         } else {
             None
-        };
-        let journal_sync = match (&journal, config.fsync) {
-            (Some(j), true) => Some(j.file.try_clone()?),
-            _ => None,
         };
 
         Ok(Store {
@@ -234,8 +256,6 @@ impl Store {
             _run_lock: run_lock,
             shards,
             journal: Mutex::new(journal),
-            journal_sync,
-            journal_syncs: SyncGroup::default(),
             dir_syncs: DirectorySyncs::default(),
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
@@ -351,9 +371,6 @@ impl Store {
         relpath: &str,
         sop_uid: &str,
     ) -> io::Result<Committed> {
-        if self.config.fsync {
-            incoming.file.sync_data()?;
-        }
         let file_size = incoming.size;
         let mut journal_line = None;
         let decided = self.decide_and_place(&mut incoming, relpath, sop_uid, &mut journal_line);
@@ -405,6 +422,7 @@ impl Store {
             (Some(old), DuplicatePolicy::Replace) => {
                 let outcome = Outcome::Replaced(old.clone());
                 *journal_line = self.append_journal(&outcome, sop_uid, relpath)?;
+                self.sync_before_placing(incoming, *journal_line)?;
                 if old != relpath {
                     self.point_registry(&link, relpath)?;
                 }
@@ -417,6 +435,7 @@ impl Store {
             }
             (None, policy) => {
                 *journal_line = self.append_journal(&Outcome::Stored, sop_uid, relpath)?;
+                self.sync_before_placing(incoming, *journal_line)?;
                 if !claimed {
                     self.point_registry(&link, relpath)?;
                 }
@@ -442,13 +461,33 @@ impl Store {
         })
     }
 
-    /// With fsync on, makes the journal line and the new directory entries durable.
-    fn sync_placed(&self, relpath: &str, created: Vec<PathBuf>) -> io::Result<()> {
+    /// With fsync on, makes the instance's data and its journal line durable before the
+    /// file gets a name: the line is written to the device first, so that the cache
+    /// flush ending the file's `fdatasync` covers it too (see the module documentation).
+    fn sync_before_placing(
+        &self,
+        incoming: &Incoming,
+        journal_line: Option<u64>,
+    ) -> io::Result<()> {
         if !self.config.fsync {
             return Ok(());
         }
-        if let Some(journal) = &self.journal_sync {
-            self.journal_syncs.sync(|| journal.sync_data())?;
+        if let Some(start) = journal_line {
+            let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(j) = journal.as_ref() {
+                let fd = j.file.as_raw_fd();
+                let len = j.end.saturating_sub(start);
+                drop(journal);
+                write_to_device(fd, start, len)?;
+            }
+        }
+        incoming.file.sync_data()
+    }
+
+    /// With fsync on, makes the new directory entries durable.
+    fn sync_placed(&self, relpath: &str, created: Vec<PathBuf>) -> io::Result<()> {
+        if !self.config.fsync {
+            return Ok(());
         }
         let final_path = self.config.root.join(relpath);
         self.dir_syncs
@@ -551,11 +590,11 @@ impl Store {
         let Some(j) = journal.as_mut() else {
             return Err(io::Error::other("journal not open"));
         };
-        if let Err(e) = j.file.write_all(line.as_bytes()) {
-            // A partial line may have been written: later offsets follow the file.
-            j.end = j.file.metadata().map_or(j.end, |m| m.len());
-            return Err(e);
+        if j.end + line.len() as u64 > j.allocated {
+            j.preallocate(self.config.fsync)?;
         }
+        // A partial write leaves `end` where it was: the next line overwrites it.
+        j.file.write_all_at(line.as_bytes(), j.end)?;
         let start = j.end;
         j.end += line.len() as u64;
         j.unsettled.insert(start);
@@ -662,6 +701,23 @@ fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
 
 /// Removes the temporary directories (and run locks) of runs that no longer hold their
 /// lock. Call with the commit lock held. Journals stay for the index to replay.
+/// Writes `len` bytes of a file from `start` to the device and waits for them (no cache
+/// flush; only for blocks already allocated, see the module documentation).
+fn write_to_device(fd: libc::c_int, start: u64, len: u64) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range only reads the descriptor number; the caller's file
+    // outlives the call (the journal is never closed while the store is open).
+    let rc =
+        unsafe { libc::sync_file_range(fd, start as libc::off64_t, len as libc::off64_t, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn sweep_dead_runs(private: &Path) -> io::Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(private.join("tmp"))? {
@@ -828,7 +884,12 @@ mod tests {
         assert_eq!(tmp_files(&root), 0);
         let journal =
             fs::read_to_string(root.join(".storescp/journal").join(s.journal_name())).unwrap();
-        assert_eq!(journal, "replaced\t1.2\t2024/01/02/9/1.2.dcm\t1.2.dcm\n");
+        // Preallocated: the lines, then zeros.
+        assert_eq!(journal.len() as u64, JOURNAL_CHUNK);
+        assert_eq!(
+            journal.trim_end_matches('\0'),
+            "replaced\t1.2\t2024/01/02/9/1.2.dcm\t1.2.dcm\n"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
