@@ -306,6 +306,17 @@ def test_reconcile_ignores_a_torn_last_line(index: Index, root: Path, db: Path) 
     assert rows(db) == [(ev.sop_instance_uid, ev.path)]
 
 
+def test_reconcile_stops_at_the_preallocated_zeros(index: Index, root: Path, db: Path) -> None:
+    """The core preallocates its journal with zeros: a torn line then zeros end it."""
+    ev = store_file(root, event("1.2.15.3"))
+    write_journal(root, RUN, [journal_line("stored", ev.sop_instance_uid, ev.path), "stor"])
+    with journal_path(root, RUN).open("ab") as f:
+        f.write(bytes(64 * 1024))
+    report = index.reconcile()
+    assert report.journals_replayed == 1
+    assert rows(db) == [(ev.sop_instance_uid, ev.path)]
+
+
 def test_reconcile_skips_journal_paths_outside_the_store(index: Index, root: Path) -> None:
     outside = root.parent / "outside.dcm"
     store_file(root.parent, event("1.2.16.1", path="outside.dcm"), register=False)

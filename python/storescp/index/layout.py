@@ -184,6 +184,7 @@ def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
 
     A last line without its newline is skipped: the core writes a line before
     renaming its file, so a torn line means that file never reached its final name.
+    The core preallocates its journal with zeros, which end it the same way.
     Malformed lines (damage) are skipped too; their files are found by `verify`.
     """
     with path.open("rb") as f:
