@@ -1,8 +1,8 @@
 //! Group commit of fsyncs: when several associations need the same directory on disk,
 //! one fsync that starts after all their changes serves them all.
 //!
-//! A caller first makes its change (writes its journal line, links its file into a
-//! directory), then asks for a sync. A sync already running may have started before the
+//! A caller first makes its change (links its file into a directory), then asks for a
+//! sync. A sync already running may have started before the
 //! change, so it does not count; the next one to start does. Whoever finds no sync
 //! running starts one for everybody waiting; the others sleep until it completes.
 
@@ -22,9 +22,9 @@ struct State {
     last_ok: bool,
 }
 
-/// The syncs of one file or directory.
+/// The syncs of one directory.
 #[derive(Default)]
-pub struct SyncGroup {
+struct SyncGroup {
     state: Mutex<State>,
     done: Condvar,
 }
@@ -36,7 +36,7 @@ impl SyncGroup {
 
     /// Returns once a sync that started after this call began has completed, running
     /// `sync` if nobody else is. An error of that sync is every waiter's error.
-    pub fn sync(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+    fn sync(&self, sync: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let mut state = self.lock();
         let needed = state.started + 1;
         loop {

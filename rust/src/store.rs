@@ -19,11 +19,11 @@
 //!   is preallocated (zero-filled and synced ahead of use, so a line only overwrites
 //!   blocks already on disk, changing no metadata), the line is written to the device
 //!   before the instance's own `fdatasync`, and the device cache flush that ends that
-//!   `fdatasync` makes both durable at once. Commits
-//!   of different shards finish in any order, so each published event carries a
-//!   watermark rather than its own line's end: every line before it has been settled
-//!   (its event queued ahead, or its commit abandoned), so the index may record that
-//!   offset as replayed-up-to once the event's row is committed.
+//!   `fdatasync` makes both durable at once. Commits of different shards finish in any
+//!   order, so each published event carries a watermark rather than its own line's end:
+//!   every line before it has been settled (its event queued ahead, or its commit
+//!   abandoned), so the index may record that offset as replayed-up-to once the event's
+//!   row is committed.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -39,6 +39,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
+
+/// Folders of the private area, made at start and again if an operator removed them.
+const PRIVATE_SUBDIRS: [&str; 5] = ["sop", "run", "tmp", "journal", "lock.d"];
 
 /// Name of the private area under the storage root.
 pub const PRIVATE_DIR: &str = ".storescp";
@@ -201,11 +204,10 @@ impl Store {
     pub fn open(config: StoreConfig) -> io::Result<Store> {
         fs::create_dir_all(&config.root)?;
         let private = config.root.join(PRIVATE_DIR);
-        for sub in ["sop", "run", "tmp", "journal"] {
+        for sub in PRIVATE_SUBDIRS {
             fs::create_dir_all(private.join(sub))?;
         }
         let commit_flock = open_lock(&private.join("lock"))?;
-        fs::create_dir_all(private.join("lock.d"))?;
         let shards = (0..SHARDS)
             .map(|k| {
                 Ok((
@@ -332,7 +334,7 @@ impl Store {
                 ),
             ));
         }
-        for sub in ["sop", "run", "journal"] {
+        for sub in PRIVATE_SUBDIRS {
             fs::create_dir_all(self.private.join(sub))?;
         }
         fs::create_dir_all(&self.tmp_dir)

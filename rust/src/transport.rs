@@ -135,7 +135,7 @@ impl PduReader {
 
     /// Reads what is available into the free space, waking every poll interval.
     fn fill(&mut self, wait: &mut dyn FnMut(Waiting) -> Option<String>) -> Result<(), ReadError> {
-        if !self.spin.is_zero() && self.poll_briefly()? {
+        if !self.spin.is_zero() && self.poll_briefly() {
             return Ok(());
         }
         loop {
@@ -168,13 +168,11 @@ impl PduReader {
             }
         }
     }
-}
 
-impl PduReader {
     /// Polls the socket without sleeping for up to `spin`: when the peer answers within
     /// microseconds, this thread need not be woken (a context switch and, in a virtual
     /// machine, an inter-processor interrupt for the sender). True when bytes arrived.
-    fn poll_briefly(&mut self) -> Result<bool, ReadError> {
+    fn poll_briefly(&mut self) -> bool {
         let deadline = Instant::now() + self.spin;
         let free = &mut self.buf[self.end..];
         loop {
@@ -189,22 +187,22 @@ impl PduReader {
                 )
             };
             match n {
-                0 => return Ok(false),
+                0 => return false,
                 n if n > 0 => {
                     self.end += n as usize;
                     self.last_activity = Instant::now();
-                    return Ok(true);
+                    return true;
                 }
                 _ => {
                     let err = io::Error::last_os_error();
                     match err.kind() {
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
-                        _ => return Ok(false),
+                        _ => return false,
                     }
                 }
             }
             if Instant::now() >= deadline {
-                return Ok(false);
+                return false;
             }
             std::hint::spin_loop();
         }
