@@ -194,10 +194,13 @@ class Console:
                 core then answered a failure, and the line says so.
         """
         kind = event.kind
-        who = _peer_ae(event.calling_ae, event.peer)
         if kind == "store":
-            self._store(event, index_failed)
-        elif kind == "assoc_accepted":
+            # The common case of a quiet receiver: nothing to format (once per instance).
+            if not (self._quiet and event.outcome in _SUCCESS_OUTCOMES and not index_failed):
+                self._store(event, index_failed)
+            return
+        who = _peer_ae(event.calling_ae, event.peer)
+        if kind == "assoc_accepted":
             self.log(
                 f"Association established from: {_clean(event.calling_ae)} -> "
                 f"{_clean(event.called_ae)} ({event.peer})"

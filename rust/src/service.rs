@@ -2,7 +2,7 @@
 //! reassembly, the C-ECHO and C-STORE services (PS3.7 9.1, 9.3; PS3.8 9.3.5, annex E),
 //! with each data set streamed to its temporary file as it arrives.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use crate::naming::{relative_path, validate_uid, Naming};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
 use crate::server::Shared;
 use crate::sniff::{DatasetSummary, Encoding, Sniffer};
-use crate::store::{local_date_today, Committed, Incoming, Outcome};
+use crate::store::{local_date_today, Incoming, Outcome, Placed};
 use crate::transport::{PduReader, ReadError, Waiting};
 
 /// Largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
@@ -343,7 +343,7 @@ impl Abort {
     }
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     /// Serves PDUs until release, abort, loss or shutdown.
     fn serve(&mut self, reader: &mut PduReader) -> End {
         let max_pdu = self.shared.settings.accept.max_pdu_length as usize;
@@ -681,18 +681,29 @@ impl Session<'_> {
                 }
             },
         };
-        let (code, comment) = match self.settle(&mut event, verdict) {
-            None => {
+        let (code, comment) = match verdict {
+            Ok((placed, relpath)) if placed.is_journaled() => {
+                match self.index_while_durable(event, placed, relpath) {
+                    Some(answer) => answer,
+                    None => return false,
+                }
+            }
+            verdict => {
+                let verdict = verdict.and_then(|(placed, relpath)| {
+                    let outcome = placed.outcome.clone();
+                    let file_size = placed.file_size;
+                    placed
+                        .make_durable()
+                        .map(|()| (outcome, file_size, relpath))
+                        .map_err(storage_failure)
+                });
+                self.settle(&mut event, verdict);
                 let answer = (event.status, event.error_comment.clone());
                 if answer.0 != status::SUCCESS || self.shared.settings.report_stored {
                     self.shared.events.push(event);
                 }
                 answer
             }
-            Some(journal_line) => match self.await_index(event, journal_line) {
-                Some(answer) => answer,
-                None => return false,
-            },
         };
         let rsp = dimse::encode_c_store_rsp(
             command.message_id,
@@ -716,7 +727,7 @@ impl Session<'_> {
         command: &Command,
         summary: &DatasetSummary,
         incoming: Incoming,
-    ) -> Result<(Committed, String), (u16, String)> {
+    ) -> Result<(Placed<'a>, String), (u16, String)> {
         let store = &self.shared.store;
         let naming = store.config().naming;
         let today = if naming == Naming::Date {
@@ -759,19 +770,14 @@ impl Session<'_> {
         }
         store
             .commit(incoming, &relpath, sop_uid)
-            .map(|c| (c, relpath))
-            .map_err(|e| (status::OUT_OF_RESOURCES, format!("cannot store: {e}")))
+            .map(|placed| (placed, relpath))
+            .map_err(storage_failure)
     }
 
-    /// Fills the event's outcome, status and Error Comment, and counts it. Returns the
-    /// start of its journal line when the index must commit it before success.
-    fn settle(
-        &self,
-        event: &mut Event,
-        verdict: Result<(Committed, String), (u16, String)>,
-    ) -> Option<u64> {
+    /// Fills the event's outcome, status and Error Comment, and counts it.
+    fn settle(&self, event: &mut Event, verdict: Result<(Outcome, u64, String), (u16, String)>) {
         let stats = &self.shared.stats;
-        match verdict {
+        let (outcome, file_size, relpath) = match verdict {
             Err((code, comment)) => {
                 event.status = code;
                 event.outcome = if code == status::OUT_OF_RESOURCES {
@@ -781,69 +787,85 @@ impl Session<'_> {
                 };
                 event.error_comment = comment;
                 Stats::add(&stats.failures, 1);
+                return;
             }
-            Ok((committed, relpath)) => {
-                event.path = relpath;
-                event.file_size = committed.file_size;
-                event.status = status::SUCCESS;
-                match committed.outcome {
-                    Outcome::Stored => event.outcome = "stored",
-                    Outcome::Replaced(old) => {
-                        event.outcome = "replaced";
-                        event.replaced_path = old;
-                        Stats::add(&stats.duplicates, 1);
-                    }
-                    Outcome::Ignored(old) => {
-                        event.outcome = "ignored";
-                        event.replaced_path = old;
-                        Stats::add(&stats.duplicates, 1);
-                    }
-                    Outcome::Duplicate(old) => {
-                        event.outcome = "duplicate";
-                        event.status = status::DUPLICATE_SOP_INSTANCE;
-                        event.error_comment = format!("SOP Instance UID already stored as {old}");
-                        event.replaced_path = old;
-                        Stats::add(&stats.duplicates, 1);
-                    }
-                }
-                if matches!(event.outcome, "stored" | "replaced") {
-                    Stats::add(&stats.instances_stored, 1);
-                    Stats::add(&stats.stored_bytes, committed.file_size);
-                    if committed.journal_line.is_some() {
-                        event.journal = self.shared.store.journal_name();
-                    }
-                    return committed.journal_line;
-                }
+            Ok(placed) => placed,
+        };
+        event.path = relpath;
+        event.file_size = file_size;
+        event.status = status::SUCCESS;
+        match outcome {
+            Outcome::Stored => event.outcome = "stored",
+            Outcome::Replaced(old) => {
+                event.outcome = "replaced";
+                event.replaced_path = old;
+                Stats::add(&stats.duplicates, 1);
+            }
+            Outcome::Ignored(old) => {
+                event.outcome = "ignored";
+                event.replaced_path = old;
+                Stats::add(&stats.duplicates, 1);
+            }
+            Outcome::Duplicate(old) => {
+                event.outcome = "duplicate";
+                event.status = status::DUPLICATE_SOP_INSTANCE;
+                event.error_comment = format!("SOP Instance UID already stored as {old}");
+                event.replaced_path = old;
+                Stats::add(&stats.duplicates, 1);
             }
         }
-        None
+        if matches!(event.outcome, "stored" | "replaced") {
+            Stats::add(&stats.instances_stored, 1);
+            Stats::add(&stats.stored_bytes, file_size);
+        }
     }
 
-    /// Queues a journaled store event and waits until Python has committed its index
-    /// row. Returns the status to answer, or None when the server stops first.
-    fn await_index(&self, mut event: Event, journal_line: u64) -> Option<(u16, String)> {
+    /// Queues the event of a journaled instance, placed under its final name, so that
+    /// Python commits its index row while the directory entries are made durable; then
+    /// waits for both. Returns the status to answer, or None when the server stops first.
+    fn index_while_durable(
+        &self,
+        mut event: Event,
+        placed: Placed<'_>,
+        relpath: String,
+    ) -> Option<(u16, String)> {
         let shared = self.shared;
-        let token = shared.store.publish_journaled(journal_line, |watermark| {
+        self.settle(
+            &mut event,
+            Ok((placed.outcome.clone(), placed.file_size, relpath)),
+        );
+        event.journal = shared.store.journal_name();
+        let token = placed.publish(|watermark| {
             event.journal_offset = watermark;
             shared.events.push_for_ack(event)
         });
-        match shared
+        let durable = placed.make_durable();
+        let indexed = shared
             .events
-            .wait_ack(token, &|| shared.control.is_hard_stopped())
-        {
-            Some(true) => Some((status::SUCCESS, String::new())),
-            Some(false) => {
-                Stats::add(&shared.stats.failures, 1);
-                let mut error = self.peer.event("error");
-                error.reason =
-                    "index commit failed; the file is kept and reconciled at next start".into();
-                shared.events.push(error);
-                Some((status::OUT_OF_RESOURCES, "index commit failed".into()))
-            }
-            None => {
+            .wait_ack(token, &|| shared.control.is_hard_stopped());
+        let failure = |reason: String, answer: (u16, String)| {
+            Stats::add(&shared.stats.failures, 1);
+            let mut error = self.peer.event("error");
+            error.reason = reason;
+            shared.events.push(error);
+            Some(answer)
+        };
+        match (indexed, durable) {
+            (None, _) => {
                 send_abort(&self.writer, abort::REASON_NOT_SPECIFIED);
                 None
             }
+            (Some(false), _) => failure(
+                "index commit failed; the file is kept and reconciled at next start".into(),
+                (status::OUT_OF_RESOURCES, "index commit failed".into()),
+            ),
+            // The file and its row stay (they agree); only its directory entry may not
+            // survive a power loss, which the journal replay would then repair.
+            (Some(true), Err(e)) => {
+                let (code, comment) = storage_failure(e);
+                failure(format!("C-STORE failed: {comment}"), (code, comment))
+            }
+            (Some(true), Ok(())) => Some((status::SUCCESS, String::new())),
         }
     }
 
@@ -853,6 +875,11 @@ impl Session<'_> {
         pdu::encode_message_fragments(&mut self.out, context_id, true, command, self.peer_max_pdu);
         send(&self.writer, &self.out)
     }
+}
+
+/// The status and Error Comment of a storage failure (SPEC.md section 4).
+fn storage_failure(e: io::Error) -> (u16, String) {
+    (status::OUT_OF_RESOURCES, format!("cannot store: {e}"))
 }
 
 /// Copies the sniffed attributes into a store event.

@@ -19,11 +19,14 @@
 //!   is preallocated (zero-filled and synced ahead of use, so a line only overwrites
 //!   blocks already on disk, changing no metadata), the line is written to the device
 //!   before the instance's own `fdatasync`, and the device cache flush that ends that
-//!   `fdatasync` makes both durable at once. Commits of different shards finish in any
-//!   order, so each published event carries a watermark rather than its own line's end:
-//!   every line before it has been settled (its event queued ahead, or its commit
-//!   abandoned), so the index may record that offset as replayed-up-to once the event's
-//!   row is committed.
+//!   `fdatasync` makes both durable at once. The event of a journaled instance is queued
+//!   once the file has its final name, so that the index commits the row while the
+//!   directory entries are made durable ([`Placed::make_durable`]). Commits finish in any
+//!   order, so each event carries a watermark rather than its own line's end: every line
+//!   before it is settled (its instance durable and its event queued ahead, or its
+//!   commit abandoned), its own line never, so the index may record that offset as
+//!   replayed-up-to once the row is committed, and a row a power loss could leave
+//!   without its directory entry is always past it and replayed.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -86,14 +89,58 @@ pub enum Outcome {
     Ignored(String),
 }
 
-/// A committed (or deliberately discarded) instance.
-#[derive(Debug, Clone)]
-pub struct Committed {
+/// An instance decided on and (when stored) under its final name; its new directory
+/// entries become durable with [`Placed::make_durable`]. Its journal line, if any,
+/// stays unsettled (the index's watermark stops before it) until then.
+pub struct Placed<'a> {
+    store: &'a Store,
     pub outcome: Outcome,
     pub file_size: u64,
-    /// Start offset of its journal line, to hand to [`Store::publish_journaled`]; None
-    /// without a journal or when nothing was stored.
-    pub journal_line: Option<u64>,
+    relpath: String,
+    /// Directories created for the file (their parents' entries changed too).
+    created: Vec<PathBuf>,
+    /// Start of its journal line: Some for a stored or replaced instance of a run with
+    /// an index journal.
+    journal_line: Option<u64>,
+}
+
+impl Placed<'_> {
+    /// Whether the index must commit a row for this instance before success.
+    pub fn is_journaled(&self) -> bool {
+        self.journal_line.is_some()
+    }
+
+    /// Calls `publish` with the watermark to record once this instance's row is
+    /// committed: below this instance's own line, since that line settles only once
+    /// its directory entries are durable.
+    pub fn publish<T>(&self, publish: impl FnOnce(u64) -> T) -> T {
+        self.store.publish_watermark(publish)
+    }
+
+    /// With fsync on, makes the new directory entries durable (for a stored or
+    /// replaced instance), then settles the journal line.
+    pub fn make_durable(self) -> io::Result<()> {
+        let store = self.store;
+        if !store.config.fsync || !matches!(self.outcome, Outcome::Stored | Outcome::Replaced(_)) {
+            return Ok(());
+        }
+        let final_path = store.config.root.join(&self.relpath);
+        store
+            .dir_syncs
+            .sync(final_path.parent().unwrap_or(&store.config.root))?;
+        for dir in &self.created {
+            store.dir_syncs.sync(dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Placed<'_> {
+    fn drop(&mut self) {
+        if let Some(start) = self.journal_line.take() {
+            self.store.settle_line(start);
+        }
+    }
 }
 
 /// The journal of this run: the file, where the lines end, how far it is
@@ -361,35 +408,34 @@ impl Store {
         })
     }
 
-    /// Makes `incoming` durable under `relpath` (relative, validated by `naming`),
-    /// deciding duplicates by SOP Instance UID atomically across processes.
+    /// Gives `incoming` its final name `relpath` (relative, validated by `naming`),
+    /// deciding duplicates by SOP Instance UID atomically across processes. The
+    /// directory entries are made durable by [`Placed::make_durable`], so that the index
+    /// may commit the row meanwhile.
     ///
-    /// Guarantees: on `Ok(Stored | Replaced)` the complete file is under its final name
-    /// and (with fsync on) the file and its directory are on disk; on any other result
-    /// or error no temporary file remains and no stored file was changed.
+    /// Guarantees: on `Ok` with outcome `Stored | Replaced` the complete file is under
+    /// its final name and (with fsync on) its data is on disk; on any other outcome or
+    /// error no temporary file remains and no stored file was changed.
     pub fn commit(
         &self,
         mut incoming: Incoming,
         relpath: &str,
         sop_uid: &str,
-    ) -> io::Result<Committed> {
-        let file_size = incoming.size;
+    ) -> io::Result<Placed<'_>> {
         let mut journal_line = None;
         let decided = self.decide_and_place(&mut incoming, relpath, sop_uid, &mut journal_line);
-        let synced = decided.and_then(|(outcome, created)| {
-            if matches!(outcome, Outcome::Stored | Outcome::Replaced(_)) {
-                self.sync_placed(relpath, created)?;
-            }
-            Ok(outcome)
-        });
-        let keep_line = matches!(synced, Ok(Outcome::Stored | Outcome::Replaced(_)));
-        if let (false, Some(start)) = (keep_line, journal_line) {
-            self.publish_journaled(start, |_| ());
+        let stored = matches!(decided, Ok((Outcome::Stored | Outcome::Replaced(_), _)));
+        if let (false, Some(start)) = (stored, journal_line) {
+            self.settle_line(start);
         }
-        Ok(Committed {
-            outcome: synced?,
-            file_size,
-            journal_line: journal_line.filter(|_| keep_line),
+        let (outcome, created) = decided?;
+        Ok(Placed {
+            store: self,
+            outcome,
+            file_size: incoming.size,
+            relpath: relpath.to_string(),
+            created,
+            journal_line: journal_line.filter(|_| stored),
         })
     }
 
@@ -486,30 +532,27 @@ impl Store {
         incoming.file.sync_data()
     }
 
-    /// With fsync on, makes the new directory entries durable.
-    fn sync_placed(&self, relpath: &str, created: Vec<PathBuf>) -> io::Result<()> {
-        if !self.config.fsync {
-            return Ok(());
-        }
-        let final_path = self.config.root.join(relpath);
-        self.dir_syncs
-            .sync(final_path.parent().unwrap_or(&self.config.root))?;
-        for dir in created {
-            self.dir_syncs.sync(&dir)?;
-        }
-        Ok(())
+    /// The journal's watermark, with `publish` called under the journal lock: every
+    /// line before it is settled, and so its event was queued before `publish` runs.
+    fn publish_watermark<T>(&self, publish: impl FnOnce(u64) -> T) -> T {
+        let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let watermark = journal
+            .as_ref()
+            .map_or(0, |j| j.unsettled.first().copied().unwrap_or(j.end));
+        publish(watermark)
     }
 
-    /// Settles the journal line starting at `start` and calls `publish` with the
-    /// watermark (every line before it settled) while no other line can settle, so
-    /// that an event queued by `publish` follows the events of all those lines.
-    pub fn publish_journaled<T>(&self, start: u64, publish: impl FnOnce(u64) -> T) -> T {
-        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        let watermark = journal.as_mut().map_or(0, |j| {
+    /// Settles the journal line starting at `start`: its instance is durable (its
+    /// event queued before), or its commit was abandoned.
+    fn settle_line(&self, start: u64) {
+        if let Some(j) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
             j.unsettled.remove(&start);
-            j.unsettled.first().copied().unwrap_or(j.end)
-        });
-        publish(watermark)
+        }
     }
 
     /// Points an existing registry entry (dangling or pointing elsewhere) at `relpath`,
@@ -818,7 +861,10 @@ mod tests {
     fn put(s: &Store, relpath: &str, uid: &str, body: &[u8]) -> Outcome {
         let mut inc = s.begin(b"HDR").unwrap();
         inc.write(body).unwrap();
-        s.commit(inc, relpath, uid).unwrap().outcome
+        let placed = s.commit(inc, relpath, uid).unwrap();
+        let outcome = placed.outcome.clone();
+        placed.make_durable().unwrap();
+        outcome
     }
 
     fn tmp_files(root: &Path) -> usize {
@@ -828,27 +874,38 @@ mod tests {
             .sum()
     }
 
-    /// Commits that finish out of order publish a watermark below every unsettled line;
-    /// a duplicate writes no line and a refused placement settles its own.
+    /// A line settles only once its instance is durable (or its commit abandoned), and
+    /// the watermark never passes an unsettled line, its own included; a duplicate writes
+    /// no line.
     #[test]
     fn journal_watermark_waits_for_unsettled_lines() {
         let root = tempdir("watermark");
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
-        let commit = |uid: &str| {
-            let inc = s.begin(b"HDR").unwrap();
-            s.commit(inc, &format!("{uid}.dcm"), uid).unwrap()
-        };
-        let (a, b) = (commit("1.1"), commit("1.22"));
-        let (a, b) = (a.journal_line.unwrap(), b.journal_line.unwrap());
-        assert_eq!((a, b), (0, "stored\t1.1\t1.1.dcm\t\n".len() as u64));
+        let commit = |uid: &str| s.commit(s.begin(b"HDR").unwrap(), &format!("{uid}.dcm"), uid);
+        let (a, b) = (commit("1.1").unwrap(), commit("1.22").unwrap());
+        assert!(a.is_journaled() && b.is_journaled());
+        assert_eq!(a.publish(|w| w), 0, "the first line is still open");
+        let first = "stored\t1.1\t1.1.dcm\t\n".len() as u64;
+        let end = "stored\t1.22\t1.22.dcm\t\n".len() as u64 + first;
+        b.make_durable().unwrap();
         assert_eq!(
-            s.publish_journaled(b, |w| w),
-            a,
-            "the first line is still open"
+            a.publish(|w| w),
+            0,
+            "a later line settling does not pass an open one"
         );
-        let end = "stored\t1.22\t1.22.dcm\t\n".len() as u64 + b;
-        assert_eq!(s.publish_journaled(a, |w| w), end);
-        assert_eq!(commit("1.1").journal_line, None, "a duplicate has no line");
+        a.make_durable().unwrap();
+        assert_eq!(s.publish_watermark(|w| w), end);
+        let duplicate = commit("1.1").unwrap();
+        assert_eq!(duplicate.outcome, Outcome::Duplicate("1.1.dcm".into()));
+        assert!(!duplicate.is_journaled(), "a duplicate has no line");
+        drop(duplicate);
+        let abandoned = commit("1.333").unwrap();
+        drop(abandoned);
+        assert_eq!(
+            s.publish_watermark(|w| w),
+            end + "stored\t1.333\t1.333.dcm\t\n".len() as u64,
+            "a line whose instance was dropped unfinished settles too"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
