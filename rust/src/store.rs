@@ -510,8 +510,9 @@ impl Store {
     }
 
     /// With fsync on, makes the instance's data and its journal line durable before the
-    /// file gets a name: the line is written to the device first, so that the cache
-    /// flush ending the file's `fdatasync` covers it too (see the module documentation).
+    /// file gets a name. The line's write is started first and overlaps the data's;
+    /// once both have reached the device, the cache flush ending the file's
+    /// `fdatasync` covers them both (see the module documentation).
     fn sync_before_placing(
         &self,
         incoming: &Incoming,
@@ -520,14 +521,28 @@ impl Store {
         if !self.config.fsync {
             return Ok(());
         }
-        if let Some(start) = journal_line {
+        let line = journal_line.and_then(|start| {
             let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(j) = journal.as_ref() {
-                let fd = j.file.as_raw_fd();
-                let len = j.end.saturating_sub(start);
-                drop(journal);
-                write_to_device(fd, start, len)?;
-            }
+            journal
+                .as_ref()
+                .map(|j| (j.file.as_raw_fd(), start, j.end.saturating_sub(start)))
+        });
+        if let Some((journal_fd, start, len)) = line {
+            use libc::{
+                SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE,
+            };
+            // Waiting first for a write-out of these pages already under way makes the
+            // one started here include our line (as does any started after it).
+            sync_range(
+                journal_fd,
+                start,
+                len,
+                SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE,
+            )?;
+            let all =
+                SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
+            sync_range(incoming.file.as_raw_fd(), 0, 0, all)?;
+            sync_range(journal_fd, start, len, SYNC_FILE_RANGE_WAIT_BEFORE)?;
         }
         incoming.file.sync_data()
     }
@@ -697,15 +712,12 @@ impl Incoming {
             if self.size - start >= WRITEBACK_CHUNK {
                 // Only a hint that overlaps disk writes with the network; durability
                 // still comes from the fdatasync at commit, so a failure is ignored.
-                // SAFETY: sync_file_range reads the descriptor number, kept open by `file`.
-                unsafe {
-                    libc::sync_file_range(
-                        self.file.as_raw_fd(),
-                        start as libc::off64_t,
-                        (self.size - start) as libc::off64_t,
-                        libc::SYNC_FILE_RANGE_WRITE,
-                    )
-                };
+                let _ = sync_range(
+                    self.file.as_raw_fd(),
+                    start,
+                    self.size - start,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
                 self.written_back = Some(self.size);
             }
         }
@@ -744,16 +756,12 @@ fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
     }
 }
 
-/// Removes the temporary directories (and run locks) of runs that no longer hold their
-/// lock. Call with the commit lock held. Journals stay for the index to replay.
-/// Writes `len` bytes of a file from `start` to the device and waits for them (no cache
-/// flush; only for blocks already allocated, see the module documentation).
-fn write_to_device(fd: libc::c_int, start: u64, len: u64) -> io::Result<()> {
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+/// `sync_file_range(2)` of `len` bytes from `start` (0: to the end of the file): starts
+/// and/or waits for their write to the device, with no cache flush; durable only for
+/// blocks already allocated (see the module documentation).
+fn sync_range(fd: libc::c_int, start: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: sync_file_range only reads the descriptor number; the caller's file
-    // outlives the call (the journal is never closed while the store is open).
+    // outlives the call.
     let rc =
         unsafe { libc::sync_file_range(fd, start as libc::off64_t, len as libc::off64_t, flags) };
     if rc == 0 {
@@ -763,6 +771,8 @@ fn write_to_device(fd: libc::c_int, start: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Removes the temporary directories (and run locks) of runs that no longer hold their
+/// lock. Call with the commit lock held. Journals stay for the index to replay.
 fn sweep_dead_runs(private: &Path) -> io::Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(private.join("tmp"))? {
