@@ -14,7 +14,7 @@ use crate::naming::{relative_path, validate_uid, Naming};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
 use crate::server::Shared;
 use crate::sniff::{DatasetSummary, Encoding, Sniffer};
-use crate::store::{local_date_today, Incoming, Outcome, Placed};
+use crate::store::{local_date_today, Incoming, JournalLine, Outcome, Placed};
 use crate::transport::{PduReader, ReadError, Waiting};
 
 /// Largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
@@ -296,22 +296,42 @@ pub fn send_abort(writer: &TcpStream, reason: u8) {
 }
 
 /// The data set being received for the current request.
-enum Receiving {
+enum Receiving<'a> {
     /// A C-STORE data set, streamed to `incoming` and sniffed on the way.
     Store {
         incoming: Option<Incoming>,
         sniffer: Box<Sniffer>,
         /// A failure decided before the data set ended (status, Error Comment).
         failure: Option<(u16, String)>,
+        ahead: Ahead<'a>,
     },
     /// The data set of a request we do not support: read and dropped.
     Discard,
 }
 
-struct InFlight {
+/// The journal line of a C-STORE, written while its data set still arrives so that
+/// its write to the device overlaps the transfer.
+enum Ahead<'a> {
+    /// Wanted as soon as the sniffed attributes name the file.
+    Wanted,
+    Written(JournalLine<'a>),
+    /// No journal, or not written ahead (the commit then writes it).
+    Not,
+}
+
+impl<'a> Ahead<'a> {
+    fn into_line(self) -> Option<JournalLine<'a>> {
+        match self {
+            Ahead::Written(line) => Some(line),
+            Ahead::Wanted | Ahead::Not => None,
+        }
+    }
+}
+
+struct InFlight<'a> {
     context_id: u8,
     command: Command,
-    receiving: Receiving,
+    receiving: Receiving<'a>,
     bytes: u64,
 }
 
@@ -324,7 +344,7 @@ struct Session<'a> {
     peer_max_pdu: u32,
     command: Vec<u8>,
     command_context: Option<u8>,
-    inflight: Option<InFlight>,
+    inflight: Option<InFlight<'a>>,
     out: Vec<u8>,
 }
 
@@ -544,7 +564,7 @@ impl<'a> Session<'a> {
         self.respond(context_id, &rsp)
     }
 
-    fn begin_store(&self, context_id: u8, command: &Command) -> Receiving {
+    fn begin_store(&self, context_id: u8, command: &Command) -> Receiving<'a> {
         let (abstract_syntax, transfer_syntax) = match self.context(context_id) {
             Some(c) => (c.abstract_syntax.as_str(), c.transfer_syntax.as_str()),
             None => ("", ""),
@@ -564,6 +584,7 @@ impl<'a> Session<'a> {
             incoming: None,
             sniffer: Box::new(Sniffer::new(Encoding::for_transfer_syntax(transfer_syntax))),
             failure: Some((code, comment)),
+            ahead: Ahead::Not,
         };
         if sop_class != abstract_syntax {
             return refuse(
@@ -587,6 +608,11 @@ impl<'a> Session<'a> {
                 incoming: Some(incoming),
                 sniffer,
                 failure: None,
+                ahead: if self.shared.store.config().journal {
+                    Ahead::Wanted
+                } else {
+                    Ahead::Not
+                },
             },
             Err(e) => refuse(
                 status::OUT_OF_RESOURCES,
@@ -613,6 +639,7 @@ impl<'a> Session<'a> {
             incoming,
             sniffer,
             failure,
+            ahead,
         } = &mut inflight.receiving
         {
             if failure.is_none() {
@@ -628,6 +655,13 @@ impl<'a> Session<'a> {
                 if !sniffer.is_done() {
                     // A sniff error surfaces again from finish(); keep receiving meanwhile.
                     let _ = sniffer.feed(data);
+                }
+                if let (Ahead::Wanted, Some(summary)) = (&ahead, sniffer.settled_summary()) {
+                    let store = &self.shared.store;
+                    *ahead = file_name(store.config().naming, summary)
+                        .ok()
+                        .and_then(|(relpath, sop_uid)| store.journal_ahead(sop_uid, &relpath))
+                        .map_or(Ahead::Not, Ahead::Written);
                 }
             }
         }
@@ -648,6 +682,7 @@ impl<'a> Session<'a> {
             incoming,
             sniffer,
             failure,
+            ahead,
         } = done.receiving
         else {
             return self.refuse_command(done.context_id, &command);
@@ -677,7 +712,7 @@ impl<'a> Session<'a> {
                 )),
                 Ok(summary) => {
                     describe(&mut event, &summary);
-                    self.commit(&command, &summary, incoming)
+                    self.commit(&command, &summary, incoming, ahead.into_line())
                 }
             },
         };
@@ -727,26 +762,10 @@ impl<'a> Session<'a> {
         command: &Command,
         summary: &DatasetSummary,
         incoming: Incoming,
+        ahead: Option<JournalLine<'a>>,
     ) -> Result<(Placed<'a>, String), (u16, String)> {
         let store = &self.shared.store;
-        let naming = store.config().naming;
-        let today = if naming == Naming::Date {
-            local_date_today()
-        } else {
-            String::new()
-        };
-        let refused = |e: crate::naming::NamingError| (status::CANNOT_UNDERSTAND, e.to_string());
-        let relpath = relative_path(
-            naming,
-            summary.study_instance_uid.as_deref(),
-            summary.series_instance_uid.as_deref(),
-            summary.sop_instance_uid.as_deref(),
-            summary.study_date.as_deref(),
-            &today,
-        )
-        .map_err(refused)?;
-        let sop_uid = validate_uid("SOP Instance UID", summary.sop_instance_uid.as_deref())
-            .map_err(refused)?;
+        let (relpath, sop_uid) = file_name(store.config().naming, summary)?;
         let mismatch = |what: &str, data_set: &str, command: &str| {
             (
                 status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -769,7 +788,7 @@ impl<'a> Session<'a> {
             }
         }
         store
-            .commit(incoming, &relpath, sop_uid)
+            .commit(incoming, &relpath, sop_uid, ahead)
             .map(|placed| (placed, relpath))
             .map_err(storage_failure)
     }
@@ -875,6 +894,29 @@ impl<'a> Session<'a> {
         pdu::encode_message_fragments(&mut self.out, context_id, true, command, self.peer_max_pdu);
         send(&self.writer, &self.out)
     }
+}
+
+/// The file's path under `naming` and the validated SOP Instance UID, from the sniffed
+/// attributes; a C000 refusal when they cannot name a file (SPEC.md section 4).
+fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<(String, &str), (u16, String)> {
+    let today = if naming == Naming::Date {
+        local_date_today()
+    } else {
+        String::new()
+    };
+    let refused = |e: crate::naming::NamingError| (status::CANNOT_UNDERSTAND, e.to_string());
+    let relpath = relative_path(
+        naming,
+        summary.study_instance_uid.as_deref(),
+        summary.series_instance_uid.as_deref(),
+        summary.sop_instance_uid.as_deref(),
+        summary.study_date.as_deref(),
+        &today,
+    )
+    .map_err(refused)?;
+    let sop_uid =
+        validate_uid("SOP Instance UID", summary.sop_instance_uid.as_deref()).map_err(refused)?;
+    Ok((relpath, sop_uid))
 }
 
 /// The status and Error Comment of a storage failure (SPEC.md section 4).

@@ -675,6 +675,12 @@ impl Sniffer {
         self.parser.is_done()
     }
 
+    /// What was found, once it can no longer change: a top-level tag above (0020,000E)
+    /// was seen (a validating sniffer may still fail later, in [`Sniffer::finish`]).
+    pub fn settled_summary(&self) -> Option<&DatasetSummary> {
+        (self.error.is_none() && self.parser.summary_final).then_some(&self.parser.summary)
+    }
+
     /// Ends the data set and returns what was found. [`SniffError::Truncated`] if the data
     /// ended inside an element, a nested sequence or (deflated) the DEFLATE stream before
     /// the sniffer was done; the first error of [`Sniffer::feed`] if there was one.

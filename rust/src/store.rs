@@ -19,7 +19,11 @@
 //!   is preallocated (zero-filled and synced ahead of use, so a line only overwrites
 //!   blocks already on disk, changing no metadata), the line is written to the device
 //!   before the instance's own `fdatasync`, and the device cache flush that ends that
-//!   `fdatasync` makes both durable at once. The event of a journaled instance is queued
+//!   `fdatasync` makes both durable at once. The line is written, and its write to the
+//!   device started, as soon as the sniffed attributes name the file
+//!   ([`Store::journal_ahead`]), so that it overlaps the rest of the transfer; a line
+//!   that turns out not to name what is stored (a replace elsewhere) is followed by one
+//!   that does. The event of a journaled instance is queued
 //!   once the file has its final name, so that the index commits the row while the
 //!   directory entries are made durable ([`Placed::make_durable`]). Commits finish in any
 //!   order, so each event carries a watermark rather than its own line's end: every line
@@ -89,9 +93,38 @@ pub enum Outcome {
     Ignored(String),
 }
 
+/// A line of this run's journal. It stays unsettled (the index's watermark stops
+/// before it) until dropped: its instance is then durable, or its commit abandoned.
+pub struct JournalLine<'a> {
+    store: &'a Store,
+    fd: libc::c_int,
+    start: u64,
+    len: u64,
+    /// The path it names, relative to the root.
+    relpath: String,
+    /// Its write to the device was started once it was written (with fsync on).
+    submitted: bool,
+}
+
+impl JournalLine<'_> {
+    /// Starts the write of the line to the device. Waiting first for a write-out of
+    /// its pages already under way (one that may predate the line) makes the one
+    /// started here include it; one started by another thread meanwhile includes it too.
+    fn start_write(&self) -> io::Result<()> {
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE;
+        sync_range(self.fd, self.start, self.len, flags)
+    }
+}
+
+impl Drop for JournalLine<'_> {
+    fn drop(&mut self) {
+        self.store.settle_line(self.start);
+    }
+}
+
 /// An instance decided on and (when stored) under its final name; its new directory
 /// entries become durable with [`Placed::make_durable`]. Its journal line, if any,
-/// stays unsettled (the index's watermark stops before it) until then.
+/// stays unsettled until then.
 pub struct Placed<'a> {
     store: &'a Store,
     pub outcome: Outcome,
@@ -99,9 +132,8 @@ pub struct Placed<'a> {
     relpath: String,
     /// Directories created for the file (their parents' entries changed too).
     created: Vec<PathBuf>,
-    /// Start of its journal line: Some for a stored or replaced instance of a run with
-    /// an index journal.
-    journal_line: Option<u64>,
+    /// Some for a stored or replaced instance of a run with an index journal.
+    journal_line: Option<JournalLine<'a>>,
 }
 
 impl Placed<'_> {
@@ -118,7 +150,7 @@ impl Placed<'_> {
     }
 
     /// With fsync on, makes the new directory entries durable (for a stored or
-    /// replaced instance), then settles the journal line.
+    /// replaced instance); the journal line settles when this returns.
     pub fn make_durable(self) -> io::Result<()> {
         let store = self.store;
         if !store.config.fsync || !matches!(self.outcome, Outcome::Stored | Outcome::Replaced(_)) {
@@ -132,14 +164,6 @@ impl Placed<'_> {
             store.dir_syncs.sync(dir)?;
         }
         Ok(())
-    }
-}
-
-impl Drop for Placed<'_> {
-    fn drop(&mut self) {
-        if let Some(start) = self.journal_line.take() {
-            self.store.settle_line(start);
-        }
     }
 }
 
@@ -411,23 +435,23 @@ impl Store {
     /// Gives `incoming` its final name `relpath` (relative, validated by `naming`),
     /// deciding duplicates by SOP Instance UID atomically across processes. The
     /// directory entries are made durable by [`Placed::make_durable`], so that the index
-    /// may commit the row meanwhile.
+    /// may commit the row meanwhile. `ahead` is the line [`Store::journal_ahead`] wrote
+    /// for this instance, used when it names what is stored.
     ///
     /// Guarantees: on `Ok` with outcome `Stored | Replaced` the complete file is under
     /// its final name and (with fsync on) its data is on disk; on any other outcome or
     /// error no temporary file remains and no stored file was changed.
-    pub fn commit(
-        &self,
+    pub fn commit<'a>(
+        &'a self,
         mut incoming: Incoming,
         relpath: &str,
         sop_uid: &str,
-    ) -> io::Result<Placed<'_>> {
+        ahead: Option<JournalLine<'a>>,
+    ) -> io::Result<Placed<'a>> {
         let mut journal_line = None;
-        let decided = self.decide_and_place(&mut incoming, relpath, sop_uid, &mut journal_line);
+        let decided =
+            self.decide_and_place(&mut incoming, relpath, sop_uid, ahead, &mut journal_line);
         let stored = matches!(decided, Ok((Outcome::Stored | Outcome::Replaced(_), _)));
-        if let (false, Some(start)) = (stored, journal_line) {
-            self.settle_line(start);
-        }
         let (outcome, created) = decided?;
         Ok(Placed {
             store: self,
@@ -440,13 +464,14 @@ impl Store {
     }
 
     /// The duplicate decision and the placement, under the UID's commit shard. Sets
-    /// `journal_line` as soon as a journal line is written.
-    fn decide_and_place(
-        &self,
+    /// `journal_line` to the line of what is stored as soon as it is known.
+    fn decide_and_place<'a>(
+        &'a self,
         incoming: &mut Incoming,
         relpath: &str,
         sop_uid: &str,
-        journal_line: &mut Option<u64>,
+        ahead: Option<JournalLine<'a>>,
+        journal_line: &mut Option<JournalLine<'a>>,
     ) -> io::Result<(Outcome, Vec<PathBuf>)> {
         let link = self.private.join("sop").join(sop_uid);
         let _guard = self.lock(sop_uid)?;
@@ -469,8 +494,8 @@ impl Store {
             (Some(old), DuplicatePolicy::Ignore) => (Outcome::Ignored(old), Vec::new()),
             (Some(old), DuplicatePolicy::Replace) => {
                 let outcome = Outcome::Replaced(old.clone());
-                *journal_line = self.append_journal(&outcome, sop_uid, relpath)?;
-                self.sync_before_placing(incoming, *journal_line)?;
+                *journal_line = self.line_for(&outcome, sop_uid, relpath, ahead)?;
+                self.sync_before_placing(incoming, journal_line.as_ref())?;
                 if old != relpath {
                     self.point_registry(&link, relpath)?;
                 }
@@ -482,8 +507,8 @@ impl Store {
                 (outcome, created)
             }
             (None, policy) => {
-                *journal_line = self.append_journal(&Outcome::Stored, sop_uid, relpath)?;
-                self.sync_before_placing(incoming, *journal_line)?;
+                *journal_line = self.line_for(&Outcome::Stored, sop_uid, relpath, ahead)?;
+                self.sync_before_placing(incoming, journal_line.as_ref())?;
                 if !claimed {
                     self.point_registry(&link, relpath)?;
                 }
@@ -509,40 +534,50 @@ impl Store {
         })
     }
 
+    /// The journal line for what `outcome` stores at `relpath`: the one written ahead
+    /// when it says the same (the file at its path is the truth, whatever the
+    /// operation), else a new one.
+    fn line_for<'a>(
+        &'a self,
+        outcome: &Outcome,
+        sop_uid: &str,
+        relpath: &str,
+        ahead: Option<JournalLine<'a>>,
+    ) -> io::Result<Option<JournalLine<'a>>> {
+        let moved = matches!(outcome, Outcome::Replaced(old) if old != relpath);
+        match ahead {
+            Some(line) if line.relpath == relpath && !moved => Ok(Some(line)),
+            _ => self.append_journal(outcome, sop_uid, relpath),
+        }
+    }
+
     /// With fsync on, makes the instance's data and its journal line durable before the
-    /// file gets a name. The line's write is started first and overlaps the data's;
-    /// once both have reached the device, the cache flush ending the file's
-    /// `fdatasync` covers them both (see the module documentation).
+    /// file gets a name: once the line has reached the device, the cache flush ending
+    /// the file's `fdatasync` covers both (see the module documentation). A line
+    /// written ahead is usually there already; a line written now goes first, its
+    /// write overlapping the data's.
     fn sync_before_placing(
         &self,
         incoming: &Incoming,
-        journal_line: Option<u64>,
+        line: Option<&JournalLine<'_>>,
     ) -> io::Result<()> {
+        use libc::{
+            SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE,
+        };
         if !self.config.fsync {
             return Ok(());
         }
-        let line = journal_line.and_then(|start| {
-            let journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-            journal
-                .as_ref()
-                .map(|j| (j.file.as_raw_fd(), start, j.end.saturating_sub(start)))
-        });
-        if let Some((journal_fd, start, len)) = line {
-            use libc::{
-                SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE,
-            };
-            // Waiting first for a write-out of these pages already under way makes the
-            // one started here include our line (as does any started after it).
-            sync_range(
-                journal_fd,
-                start,
-                len,
-                SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE,
-            )?;
-            let all =
-                SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER;
-            sync_range(incoming.file.as_raw_fd(), 0, 0, all)?;
-            sync_range(journal_fd, start, len, SYNC_FILE_RANGE_WAIT_BEFORE)?;
+        if let Some(line) = line {
+            if !line.submitted {
+                line.start_write()?;
+                let all = SYNC_FILE_RANGE_WAIT_BEFORE
+                    | SYNC_FILE_RANGE_WRITE
+                    | SYNC_FILE_RANGE_WAIT_AFTER;
+                sync_range(incoming.file.as_raw_fd(), 0, 0, all)?;
+            }
+            // Every write-out of the line's pages started since it was written
+            // includes it: waiting for those in flight is enough.
+            sync_range(line.fd, line.start, line.len, SYNC_FILE_RANGE_WAIT_BEFORE)?;
         }
         incoming.file.sync_data()
     }
@@ -637,7 +672,7 @@ impl Store {
         outcome: &Outcome,
         sop_uid: &str,
         relpath: &str,
-    ) -> io::Result<Option<u64>> {
+    ) -> io::Result<Option<JournalLine<'_>>> {
         if !self.config.journal {
             return Ok(None);
         }
@@ -658,7 +693,26 @@ impl Store {
         let start = j.end;
         j.end += line.len() as u64;
         j.unsettled.insert(start);
-        Ok(Some(start))
+        Ok(Some(JournalLine {
+            store: self,
+            fd: j.file.as_raw_fd(),
+            start,
+            len: line.len() as u64,
+            relpath: relpath.to_string(),
+            submitted: false,
+        }))
+    }
+
+    /// Writes the journal line of an instance whose final name is known while its data
+    /// still arrives, and (with fsync on) starts its write to the device, so that the
+    /// commit usually finds it there. None without a journal, or when that failed (the
+    /// commit then writes a line of its own).
+    pub fn journal_ahead(&self, sop_uid: &str, relpath: &str) -> Option<JournalLine<'_>> {
+        let mut line = self
+            .append_journal(&Outcome::Stored, sop_uid, relpath)
+            .ok()??;
+        line.submitted = self.config.fsync && line.start_write().is_ok();
+        Some(line)
     }
 
     /// Creates the directories of `relpath` below the root; returns the parents whose
@@ -871,7 +925,7 @@ mod tests {
     fn put(s: &Store, relpath: &str, uid: &str, body: &[u8]) -> Outcome {
         let mut inc = s.begin(b"HDR").unwrap();
         inc.write(body).unwrap();
-        let placed = s.commit(inc, relpath, uid).unwrap();
+        let placed = s.commit(inc, relpath, uid, None).unwrap();
         let outcome = placed.outcome.clone();
         placed.make_durable().unwrap();
         outcome
@@ -891,7 +945,8 @@ mod tests {
     fn journal_watermark_waits_for_unsettled_lines() {
         let root = tempdir("watermark");
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
-        let commit = |uid: &str| s.commit(s.begin(b"HDR").unwrap(), &format!("{uid}.dcm"), uid);
+        let commit =
+            |uid: &str| s.commit(s.begin(b"HDR").unwrap(), &format!("{uid}.dcm"), uid, None);
         let (a, b) = (commit("1.1").unwrap(), commit("1.22").unwrap());
         assert!(a.is_journaled() && b.is_journaled());
         assert_eq!(a.publish(|w| w), 0, "the first line is still open");
@@ -916,6 +971,50 @@ mod tests {
             end + "stored\t1.333\t1.333.dcm\t\n".len() as u64,
             "a line whose instance was dropped unfinished settles too"
         );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A line written ahead holds the watermark back while its data set arrives, is the
+    /// instance's line when it names the stored file, and is replaced by a new one when
+    /// it does not (the commit's path or a replace elsewhere), settling either way.
+    #[test]
+    fn journal_line_written_ahead() {
+        let root = tempdir("ahead");
+        let s = store(&root, DuplicatePolicy::Replace, Naming::Flat);
+        let journal = || {
+            fs::read_to_string(root.join(".storescp/journal").join(s.journal_name()))
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_string()
+        };
+        let ahead = s.journal_ahead("1.1", "1.1.dcm").unwrap();
+        assert_eq!(
+            s.publish_watermark(|w| w),
+            0,
+            "open while the data set arrives"
+        );
+        let placed = s
+            .commit(s.begin(b"HDR").unwrap(), "1.1.dcm", "1.1", Some(ahead))
+            .unwrap();
+        assert!(placed.is_journaled());
+        placed.make_durable().unwrap();
+        let one = "stored\t1.1\t1.1.dcm\t\n";
+        assert_eq!(journal(), one, "the line written ahead is the instance's");
+        assert_eq!(s.publish_watermark(|w| w), one.len() as u64);
+
+        let stale = s.journal_ahead("1.1", "elsewhere/1.1.dcm").unwrap();
+        let placed = s
+            .commit(s.begin(b"HDR").unwrap(), "1.1.dcm", "1.1", Some(stale))
+            .unwrap();
+        assert_eq!(placed.outcome, Outcome::Replaced("1.1.dcm".into()));
+        drop(placed);
+        let two = "stored\t1.1\telsewhere/1.1.dcm\t\nreplaced\t1.1\t1.1.dcm\t1.1.dcm\n";
+        assert_eq!(
+            journal(),
+            format!("{one}{two}"),
+            "a line naming another path"
+        );
+        assert_eq!(s.publish_watermark(|w| w), (one.len() + two.len()) as u64);
         fs::remove_dir_all(root).unwrap();
     }
 
