@@ -106,6 +106,24 @@ def test_open_refuses_unusable_databases(tmp_path: Path) -> None:
         Index.open(tmp_path / "no-such-dir" / "index.db")
 
 
+def test_open_migrates_a_version_1_index(db: Path, root: Path) -> None:
+    with Index.open(db, root) as index:
+        index.record([event("1.2.3")])
+    with sqlite3.connect(db) as conn:
+        # What version 1 looked like: its extra index, and its version number.
+        conn.execute("CREATE INDEX instance_received_at_idx ON instance (received_at)")
+        conn.execute("PRAGMA user_version = 1")
+    with Index.open(db, root) as index:
+        assert not index.created
+        index.record([event("1.2.4")])
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='index'")}
+    assert "instance_received_at_idx" not in indexes
+    assert "instance_calling_ae_idx" in indexes
+    assert [sop for sop, _ in rows(db)] == ["1.2.3", "1.2.4"]
+
+
 # --- record --------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The index's SQLite schema, its migrations, and how a connection is opened.
 
-Tables (version 1):
+Tables (since version 1):
     patient(id, patient_key UNIQUE, patient_id, patient_name)
     study(id, study_instance_uid UNIQUE, patient_ref -> patient, study_date, study_description)
     series(id, series_instance_uid UNIQUE, study_ref -> study, modality)
@@ -10,6 +10,11 @@ Tables (version 1):
     meta(key PRIMARY KEY, value): 'generation' (bumped when parent rows are deleted, so
         writers drop their cached ids) and 'storage_dir' (the root the paths are under)
     view instance_full: one row per instance with every level's attributes, for ad-hoc SQL
+
+Indexes (version 2): every UNIQUE column, each foreign key, patient id and name, study
+date, series modality, instance calling AE: the columns the inspection tool filters and
+joins on. Version 1 also indexed instance.received_at, which no query uses; every
+instance row paid for it.
 
 The version is `PRAGMA user_version`; `MIGRATIONS[n]` brings version n to n + 1.
 """
@@ -97,10 +102,15 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    """Drops the index on instance.received_at: no query reads it."""
+    conn.execute("DROP INDEX instance_received_at_idx")
+
+
 Migration = Callable[[sqlite3.Connection], None]
 
 # Append-only: a released migration is never edited, a schema change is a new entry.
-MIGRATIONS: tuple[Migration, ...] = (_migrate_to_1,)
+MIGRATIONS: tuple[Migration, ...] = (_migrate_to_1, _migrate_to_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
