@@ -25,6 +25,7 @@ from index_support import (
     write_journal,
 )
 from storescp.index import SCHEMA_VERSION, Filters, Index, IndexOpenError, StoreBusyError
+from storescp.index.layout import read_journal
 
 RUN = "4242-1700000000000000000"
 
@@ -333,6 +334,13 @@ def test_reconcile_stops_at_the_preallocated_zeros(index: Index, root: Path, db:
     report = index.reconcile()
     assert report.journals_replayed == 1
     assert rows(db) == [(ev.sop_instance_uid, ev.path)]
+
+
+def test_read_journal_skips_overlong_damage_and_ends_at_the_first_nul(root: Path) -> None:
+    good = [journal_line("stored", f"1.2.15.{k}", f"1.2/1.2.15.{k}.dcm") for k in range(3)]
+    write_journal(root, RUN, [good[0], "x" * 10_000 + "\n", good[1], "\0" * 5000, good[2]])
+    lines = list(read_journal(journal_path(root, RUN), 0))
+    assert [line.sop_instance_uid for line in lines] == ["1.2.15.0", "1.2.15.1"]
 
 
 def test_reconcile_skips_journal_paths_outside_the_store(index: Index, root: Path) -> None:

@@ -180,17 +180,16 @@ struct Journal {
 const JOURNAL_CHUNK: u64 = 4 << 20;
 
 impl Journal {
-    /// Zero-fills the next chunk and (with `fsync`) makes it durable, so that lines
-    /// written there later are overwrites of blocks already allocated and on disk.
-    fn preallocate(&mut self, fsync: bool) -> io::Result<()> {
+    /// Zero-fills the next chunk and makes it durable, so that lines written there
+    /// later are overwrites of blocks already allocated and on disk. Only with fsync
+    /// on: without it nothing is flushed, and lines simply extend the file.
+    fn preallocate(&mut self) -> io::Result<()> {
         let zeros = vec![0u8; 1 << 20];
         for k in 0..JOURNAL_CHUNK / zeros.len() as u64 {
             self.file
                 .write_all_at(&zeros, self.allocated + k * zeros.len() as u64)?;
         }
-        if fsync {
-            self.file.sync_data()?;
-        }
+        self.file.sync_data()?;
         self.allocated += JOURNAL_CHUNK;
         Ok(())
     }
@@ -315,7 +314,9 @@ impl Store {
                 allocated: 0,
                 unsettled: BTreeSet::new(),
             };
-            journal.preallocate(config.fsync)?;
+            if config.fsync {
+                journal.preallocate()?;
+            }
             Some(journal)
         } else {
             None
@@ -685,8 +686,8 @@ impl Store {
         let Some(j) = journal.as_mut() else {
             return Err(io::Error::other("journal not open"));
         };
-        if j.end + line.len() as u64 > j.allocated {
-            j.preallocate(self.config.fsync)?;
+        if self.config.fsync && j.end + line.len() as u64 > j.allocated {
+            j.preallocate()?;
         }
         // A partial write leaves `end` where it was: the next line overwrites it.
         j.file.write_all_at(line.as_bytes(), j.end)?;
@@ -974,6 +975,36 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
+    /// With fsync on the journal is preallocated (zeros after the lines), so that a
+    /// line overwrites blocks already on disk; a line written ahead is already on its
+    /// way to the device when the commit waits for it.
+    #[test]
+    fn durable_journal_is_preallocated() {
+        let root = tempdir("prealloc");
+        let s = Store::open(StoreConfig {
+            root: root.clone(),
+            naming: Naming::Flat,
+            duplicate: DuplicatePolicy::Reject,
+            fsync: true,
+            journal: true,
+        })
+        .unwrap();
+        let path = root.join(".storescp/journal").join(s.journal_name());
+        assert_eq!(fs::metadata(&path).unwrap().len(), JOURNAL_CHUNK);
+        let ahead = s.journal_ahead("1.1", "1.1.dcm").unwrap();
+        assert!(ahead.submitted);
+        let placed = s
+            .commit(s.begin(b"HDR").unwrap(), "1.1.dcm", "1.1", Some(ahead))
+            .unwrap();
+        placed.make_durable().unwrap();
+        let journal = fs::read(&path).unwrap();
+        assert_eq!(journal.len() as u64, JOURNAL_CHUNK);
+        let line = b"stored\t1.1\t1.1.dcm\t\n";
+        assert_eq!(&journal[..line.len()], line);
+        assert!(journal[line.len()..].iter().all(|&b| b == 0));
+        fs::remove_dir_all(root).unwrap();
+    }
+
     /// A line written ahead holds the watermark back while its data set arrives, is the
     /// instance's line when it names the stored file, and is replaced by a new one when
     /// it does not (the commit's path or a replace elsewhere), settling either way.
@@ -1052,12 +1083,8 @@ mod tests {
         assert_eq!(tmp_files(&root), 0);
         let journal =
             fs::read_to_string(root.join(".storescp/journal").join(s.journal_name())).unwrap();
-        // Preallocated: the lines, then zeros.
-        assert_eq!(journal.len() as u64, JOURNAL_CHUNK);
-        assert_eq!(
-            journal.trim_end_matches('\0'),
-            "replaced\t1.2\t2024/01/02/9/1.2.dcm\t1.2.dcm\n"
-        );
+        // Without fsync nothing is preallocated: the lines alone.
+        assert_eq!(journal, "replaced\t1.2\t2024/01/02/9/1.2.dcm\t1.2.dcm\n");
         fs::remove_dir_all(root).unwrap();
     }
 

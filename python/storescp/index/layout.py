@@ -178,20 +178,33 @@ def is_safe_relpath(relpath: str) -> bool:
     )
 
 
+# A line names an operation, a SOP Instance UID (64 characters at most) and two paths
+# of three UIDs each: a few hundred bytes. Anything longer is damage.
+_MAX_LINE = 4096
+
+
 def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
     """The complete, well-formed lines of a journal from byte offset `start`, streamed
     (a journal covers a whole run and may be large; only its tail is read).
 
     A last line without its newline is skipped: the core writes a line before
     renaming its file, so a torn line means that file never reached its final name.
-    The core preallocates its journal with zeros, which end it the same way.
-    Malformed lines (damage) are skipped too; their files are found by `verify`.
+    With fsync on the core preallocates its journal with zeros: the first NUL ends it.
+    Malformed lines (damage) are skipped too; their files are found by `verify`. Memory
+    stays bounded whatever the file holds: no line is read past `_MAX_LINE` bytes.
     """
     with path.open("rb") as f:
         f.seek(start)
-        for raw in f:
-            if not raw.endswith(b"\n"):
+        while raw := f.readline(_MAX_LINE):
+            if b"\0" in raw:
                 return
+            if not raw.endswith(b"\n"):
+                if len(raw) < _MAX_LINE:
+                    return
+                # Longer than any line the core writes: damage. Skip to the next line.
+                while (rest := f.readline(_MAX_LINE)) and not rest.endswith(b"\n"):
+                    pass
+                continue
             line = _parse_line(raw[:-1])
             if line is not None:
                 yield line
