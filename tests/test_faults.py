@@ -12,6 +12,7 @@ nothing partial is under a final name, nothing changed outside the storage dir."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import shutil
@@ -58,6 +59,7 @@ from hostile_support import (
 )
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
+from storescp.index.layout import read_journal
 
 pytest.importorskip("storescp._core", reason="the Rust core is not built")
 
@@ -298,6 +300,28 @@ def test_storage_dir_removed_while_running(server_factory: ServerFactory, tmp_pa
     server.storage.mkdir(exist_ok=True)
     guard.check(allowed=allowed)
     guard.check()
+
+
+def test_private_area_removed_while_running_is_rebuilt_whole(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """After `rm -rf` + `mkdir` of the storage dir under a server with an index, the
+    recreated private area again holds what other processes and the index rely on: the
+    run lock, held; every shard lock file; and this run's journal, naming what was stored
+    since (read across the hole where the removed lines were)."""
+    server = server_factory(["--index-db", str(tmp_path / "index.db")])
+    store_ok(server.port)
+    shutil.rmtree(server.storage)
+    server.storage.mkdir()
+    after = [store_ok(server.port)[0] for _ in range(2)]
+    private = server.storage / ".storescp"
+    (run_lock,) = (private / "run").iterdir()
+    with run_lock.open("rb") as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert sorted(p.name for p in (private / "lock.d").iterdir()) == sorted(map(str, range(16)))
+    (journal,) = (private / "journal").iterdir()
+    assert journal.stem == run_lock.stem
+    assert [line.sop_instance_uid for line in read_journal(journal, 0)] == after
 
 
 # -- signals with transfers in flight ----------------------------------------------------------

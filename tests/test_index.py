@@ -621,3 +621,18 @@ def test_index_rows_never_leave_the_root(index: Index, root: Path) -> None:
     ev = store_file(root, event("1.2.25.1"))
     index.record([ev])
     assert all(not os.path.isabs(r.path) and ".." not in r.path for r in index.instances())
+
+
+def test_read_journal_resumes_after_a_hole(root: Path) -> None:
+    """A journal the core recreated (the private area was removed under it) goes on at
+    its offsets, after a hole; preallocated zeros after the lines still end it."""
+    path = journal_path(root, RUN)
+    path.parent.mkdir(parents=True)
+    lines = [journal_line("stored", f"1.2.17.{k}", f"1.2/1.2.17.{k}.dcm") for k in range(2)]
+    with path.open("wb") as f:
+        f.seek(10_000)  # a hole over two blocks, then zeros before the first line
+        f.write("".join(lines).encode())
+        f.write(bytes(8192))
+        f.write(journal_line("stored", "1.2.17.9", "1.2/1.2.17.9.dcm").encode())
+    read = [line.sop_instance_uid for line in read_journal(path, 0)]
+    assert read == ["1.2.17.0", "1.2.17.1"]

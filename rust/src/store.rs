@@ -41,7 +41,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::group_sync::DirectorySyncs;
@@ -97,7 +97,8 @@ pub enum Outcome {
 /// before it) until dropped: its instance is then durable, or its commit abandoned.
 pub struct JournalLine<'a> {
     store: &'a Store,
-    fd: libc::c_int,
+    /// The journal file the line is in (kept open: the area may be recreated meanwhile).
+    file: Arc<File>,
     start: u64,
     len: u64,
     /// The path it names, relative to the root.
@@ -112,7 +113,7 @@ impl JournalLine<'_> {
     /// started here include it; one started by another thread meanwhile includes it too.
     fn start_write(&self) -> io::Result<()> {
         let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE;
-        sync_range(self.fd, self.start, self.len, flags)
+        sync_range(self.file.as_raw_fd(), self.start, self.len, flags)
     }
 }
 
@@ -170,7 +171,7 @@ impl Placed<'_> {
 /// The journal of this run: the file, where the lines end, how far it is
 /// preallocated, and the lines not yet settled.
 struct Journal {
-    file: File,
+    file: Arc<File>,
     end: u64,
     allocated: u64,
     unsettled: BTreeSet<u64>,
@@ -202,9 +203,9 @@ pub struct Store {
     tmp_dir: PathBuf,
     run_id: String,
     /// Held (flock) for the life of the process: tells others this run is alive.
-    _run_lock: File,
-    /// Per shard: the in-process mutex and the cross-process lock file.
-    shards: Vec<(Mutex<()>, File)>,
+    run_lock: Mutex<File>,
+    /// Per shard, the cross-process lock file, behind the in-process mutex.
+    shards: Vec<Mutex<File>>,
     journal: Mutex<Option<Journal>>,
     next_tmp: AtomicU64,
     /// Group commit of the directories' fsyncs across associations.
@@ -218,13 +219,12 @@ const SHARDS: usize = 16;
 
 /// One commit lock shard, held: a mutex for threads, `flock` for processes.
 struct CommitGuard<'a> {
-    _thread: MutexGuard<'a, ()>,
-    file: &'a File,
+    file: MutexGuard<'a, File>,
 }
 
 impl Drop for CommitGuard<'_> {
     fn drop(&mut self) {
-        // SAFETY: flock on a descriptor this struct borrows; it stays open meanwhile.
+        // SAFETY: flock on a descriptor the guarded File keeps open meanwhile.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 }
@@ -260,6 +260,25 @@ fn open_lock(path: &Path) -> io::Result<File> {
     }
 }
 
+fn shard_path(private: &Path, k: usize) -> PathBuf {
+    private.join("lock.d").join(k.to_string())
+}
+
+fn run_lock_path(private: &Path, run_id: &str) -> PathBuf {
+    private.join("run").join(format!("{run_id}.lock"))
+}
+
+fn journal_path(private: &Path, run_id: &str) -> PathBuf {
+    private.join("journal").join(format!("{run_id}.log"))
+}
+
+/// Opens and holds (flock) the lock file that tells other processes the run is alive.
+fn hold_run_lock(private: &Path, run_id: &str) -> io::Result<File> {
+    let file = open_lock(&run_lock_path(private, run_id))?;
+    flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
+    Ok(file)
+}
+
 /// True for the errors by which a filesystem says it has no O_TMPFILE (open(2)).
 fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -279,12 +298,7 @@ impl Store {
         }
         let commit_flock = open_lock(&private.join("lock"))?;
         let shards = (0..SHARDS)
-            .map(|k| {
-                Ok((
-                    Mutex::new(()),
-                    open_lock(&private.join("lock.d").join(k.to_string()))?,
-                ))
-            })
+            .map(|k| open_lock(&shard_path(&private, k)).map(Mutex::new))
             .collect::<io::Result<Vec<_>>>()?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -295,8 +309,7 @@ impl Store {
         // whose lock file exists but is not yet held.
         flock(&commit_flock, libc::LOCK_EX)?;
         let registered = (|| {
-            let run_lock = open_lock(&private.join("run").join(format!("{run_id}.lock")))?;
-            flock(&run_lock, libc::LOCK_EX | libc::LOCK_NB)?;
+            let run_lock = hold_run_lock(&private, &run_id)?;
             sweep_dead_runs(&private)?;
             let tmp_dir = private.join("tmp").join(&run_id);
             fs::create_dir(&tmp_dir)?;
@@ -305,11 +318,13 @@ impl Store {
         flock(&commit_flock, libc::LOCK_UN)?;
         let (run_lock, tmp_dir) = registered?;
         let journal = if config.journal {
-            let path = private.join("journal").join(format!("{run_id}.log"));
             // A new file per run: lines are written at known offsets (not O_APPEND).
-            let file = OpenOptions::new().create_new(true).write(true).open(path)?;
+            let file = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .open(journal_path(&private, &run_id))?;
             let mut journal = Journal {
-                file,
+                file: Arc::new(file),
                 end: 0,
                 allocated: 0,
                 unsettled: BTreeSet::new(),
@@ -327,7 +342,7 @@ impl Store {
             private,
             tmp_dir,
             run_id,
-            _run_lock: run_lock,
+            run_lock: Mutex::new(run_lock),
             shards,
             journal: Mutex::new(journal),
             dir_syncs: DirectorySyncs::default(),
@@ -409,7 +424,39 @@ impl Store {
         for sub in PRIVATE_SUBDIRS {
             fs::create_dir_all(self.private.join(sub))?;
         }
-        fs::create_dir_all(&self.tmp_dir)
+        // The files this run keeps open went with the area: open them anew, so that other
+        // processes see this run alive and lock the same shard files, and the index finds
+        // this run's next journal lines. Each is replaced under its mutex, so nobody holds
+        // the old one meanwhile. As at start, the run lock is held before its temporary
+        // folder exists, under the registration lock, so no sweeper takes the run for dead.
+        let registration = open_lock(&self.private.join("lock"))?;
+        flock(&registration, libc::LOCK_EX)?;
+        let run_lock_path = run_lock_path(&self.private, &self.run_id);
+        if !run_lock_path.exists() {
+            *self.run_lock.lock().unwrap_or_else(|e| e.into_inner()) =
+                hold_run_lock(&self.private, &self.run_id)?;
+        }
+        fs::create_dir_all(&self.tmp_dir)?;
+        drop(registration);
+        for (k, shard) in self.shards.iter().enumerate() {
+            let path = shard_path(&self.private, k);
+            let mut file = shard.lock().unwrap_or_else(|e| e.into_inner());
+            if !path.exists() {
+                *file = open_lock(&path)?;
+            }
+        }
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        let path = journal_path(&self.private, &self.run_id);
+        if let (Some(j), false) = (journal.as_mut(), path.exists()) {
+            // Lines go on at the same offsets (the new file starts with a hole where the
+            // old ones were), so the watermark and the index's progress stay meaningful.
+            j.file = Arc::new(OpenOptions::new().create_new(true).write(true).open(path)?);
+            j.allocated = j.end;
+            if self.config.fsync {
+                j.preallocate()?;
+            }
+        }
+        Ok(())
     }
 
     fn next_temp_path(&self) -> PathBuf {
@@ -424,13 +471,10 @@ impl Store {
         let hash = sop_uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        let (mutex, file) = &self.shards[(hash % SHARDS as u64) as usize];
-        let thread = mutex.lock().unwrap_or_else(|e| e.into_inner());
-        flock(file, libc::LOCK_EX)?;
-        Ok(CommitGuard {
-            _thread: thread,
-            file,
-        })
+        let shard = &self.shards[(hash % SHARDS as u64) as usize];
+        let file = shard.lock().unwrap_or_else(|e| e.into_inner());
+        flock(&file, libc::LOCK_EX)?;
+        Ok(CommitGuard { file })
     }
 
     /// Gives `incoming` its final name `relpath` (relative, validated by `naming`),
@@ -578,7 +622,12 @@ impl Store {
             }
             // Every write-out of the line's pages started since it was written
             // includes it: waiting for those in flight is enough.
-            sync_range(line.fd, line.start, line.len, SYNC_FILE_RANGE_WAIT_BEFORE)?;
+            sync_range(
+                line.file.as_raw_fd(),
+                line.start,
+                line.len,
+                SYNC_FILE_RANGE_WAIT_BEFORE,
+            )?;
         }
         incoming.file.sync_data()
     }
@@ -696,7 +745,7 @@ impl Store {
         j.unsettled.insert(start);
         Ok(Some(JournalLine {
             store: self,
-            fd: j.file.as_raw_fd(),
+            file: Arc::clone(&j.file),
             start,
             len: line.len() as u64,
             relpath: relpath.to_string(),

@@ -189,7 +189,9 @@ def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
 
     A last line without its newline is skipped: the core writes a line before
     renaming its file, so a torn line means that file never reached its final name.
-    With fsync on the core preallocates its journal with zeros: the first NUL ends it.
+    With fsync on the core preallocates its journal with zeros: the first NUL ends it,
+    unless it starts a hole (the core recreated a journal removed under it, and its
+    lines go on at their offsets): reading then resumes after the hole.
     Malformed lines (damage) are skipped too; their files are found by `verify`. Memory
     stays bounded whatever the file holds: no line is read past `_MAX_LINE` bytes.
     """
@@ -197,7 +199,12 @@ def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
         f.seek(start)
         while raw := f.readline(_MAX_LINE):
             if b"\0" in raw:
-                return
+                nul = f.tell() - len(raw) + raw.index(b"\0")
+                after_hole = _data_after(f.fileno(), nul)
+                if after_hole is None:
+                    return
+                f.seek(after_hole)
+                continue
             if not raw.endswith(b"\n"):
                 if len(raw) < _MAX_LINE:
                     return
@@ -208,6 +215,21 @@ def read_journal(path: Path, start: int) -> Iterator[JournalLine]:
             line = _parse_line(raw[:-1])
             if line is not None:
                 yield line
+
+
+def _data_after(fd: int, offset: int) -> int | None:
+    """Where lines resume past the zeros at `offset`, if they do: after a hole (when the
+    journal was recreated, its lines go on at their offsets) at the first non-NUL byte of
+    the block where data resumes. None when that block holds only zeros: the
+    preallocated end, which is never read further than one block."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:  # ENXIO: no data past offset
+        return None
+    size = os.fstat(fd).st_blksize
+    block = os.pread(fd, size - data % size, data)
+    zeros = len(block) - len(block.lstrip(b"\0"))
+    return data + zeros if zeros < len(block) else None
 
 
 def _parse_line(raw: bytes) -> JournalLine | None:
