@@ -361,8 +361,9 @@ impl Store {
         format!("{}.log", self.run_id)
     }
 
-    /// Starts a new instance: a temporary file holding `header` (the Part 10 preamble
-    /// and file meta), gone again unless committed. The file is anonymous (O_TMPFILE)
+    /// Starts a new instance: a temporary file that will hold `header` (the Part 10
+    /// preamble and file meta, written with the first data set bytes), gone again
+    /// unless committed. The file is anonymous (O_TMPFILE)
     /// where the filesystem allows: it never has a name until it has its final one, and
     /// the kernel frees it if the process dies.
     pub fn begin(&self, header: &[u8]) -> io::Result<Incoming> {
@@ -375,14 +376,14 @@ impl Store {
             }
             opened => opened?,
         };
-        let mut incoming = Incoming {
+        let incoming = Incoming {
             file,
             temp,
+            header: header.to_vec(),
             size: 0,
             placed: false,
             written_back: self.config.fsync.then_some(0),
         };
-        incoming.write(header)?;
         Ok(incoming)
     }
 
@@ -493,6 +494,9 @@ impl Store {
         sop_uid: &str,
         ahead: Option<JournalLine<'a>>,
     ) -> io::Result<Placed<'a>> {
+        if !incoming.header.is_empty() {
+            incoming.write(&[])?;
+        }
         let mut journal_line = None;
         let decided =
             self.decide_and_place(&mut incoming, relpath, sop_uid, ahead, &mut journal_line);
@@ -801,6 +805,8 @@ const WRITEBACK_CHUNK: u64 = 8 << 20;
 pub struct Incoming {
     file: File,
     temp: TempName,
+    /// The header not yet written (it goes out with the first data set bytes).
+    header: Vec<u8>,
     size: u64,
     placed: bool,
     /// Offset up to which writeback was started; None when fsync is off.
@@ -808,9 +814,16 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Appends data set bytes exactly as received.
+    /// Appends data set bytes exactly as received (after the header, in the same call
+    /// the first time: one write per fragment).
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)?;
+        if self.header.is_empty() {
+            self.file.write_all(bytes)?;
+        } else {
+            write_both(&mut self.file, &self.header, bytes)?;
+            self.size += self.header.len() as u64;
+            self.header = Vec::new();
+        }
         self.size += bytes.len() as u64;
         if let Some(start) = self.written_back {
             if self.size - start >= WRITEBACK_CHUNK {
@@ -836,6 +849,23 @@ impl Drop for Incoming {
             let _ = fs::remove_file(path);
         }
     }
+}
+
+/// Writes `first` then `second` with as few calls as the kernel allows (one, usually).
+fn write_both(file: &mut File, mut first: &[u8], mut second: &[u8]) -> io::Result<()> {
+    while !first.is_empty() || !second.is_empty() {
+        match file.write_vectored(&[io::IoSlice::new(first), io::IoSlice::new(second)]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                let from_first = n.min(first.len());
+                first = first.get(from_first..).unwrap_or_default();
+                second = second.get(n - from_first..).unwrap_or_default();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Links an O_TMPFILE into the directory tree under `target` (fails if it exists).
@@ -1095,6 +1125,27 @@ mod tests {
             "a line naming another path"
         );
         assert_eq!(s.publish_watermark(|w| w), (one.len() + two.len()) as u64);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The header goes out with the first data set bytes, or at commit without any.
+    #[test]
+    fn header_is_written_with_the_first_bytes_or_at_commit() {
+        let root = tempdir("header");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        let mut inc = s.begin(b"HDR").unwrap();
+        inc.write(b"one").unwrap();
+        inc.write(b"two").unwrap();
+        let placed = s.commit(inc, "1.1.dcm", "1.1", None).unwrap();
+        assert_eq!(placed.file_size, 9);
+        placed.make_durable().unwrap();
+        let bare = s
+            .commit(s.begin(b"HDR").unwrap(), "1.2.dcm", "1.2", None)
+            .unwrap();
+        assert_eq!(bare.file_size, 3);
+        bare.make_durable().unwrap();
+        assert_eq!(fs::read(root.join("1.1.dcm")).unwrap(), b"HDRonetwo");
+        assert_eq!(fs::read(root.join("1.2.dcm")).unwrap(), b"HDR");
         fs::remove_dir_all(root).unwrap();
     }
 
