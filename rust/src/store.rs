@@ -15,22 +15,28 @@
 //! - `journal/<runid>.log`: with an index, one line per instance written before the
 //!   file gets its final name: `op \t sop_uid \t relpath \t replaced_relpath \n`, so the
 //!   index may commit without its own fsync: reconciliation replays the journal after a
-//!   crash or power loss. With fsync on the line needs no flush of its own: the journal
-//!   is preallocated (zero-filled and synced ahead of use, so a line only overwrites
-//!   blocks already on disk, changing no metadata), the line is written to the device
-//!   before the instance's own `fdatasync`, and the device cache flush that ends that
-//!   `fdatasync` makes both durable at once. The line is written, and its write to the
-//!   device started, as soon as the sniffed attributes name the file
-//!   ([`Store::journal_ahead`]), so that it overlaps the rest of the transfer; a line
-//!   that turns out not to name what is stored (a replace elsewhere) is followed by one
-//!   that does. The event of a journaled instance is queued
-//!   once the file has its final name, so that the index commits the row while the
-//!   directory entries are made durable ([`Placed::make_durable`]). Commits finish in any
-//!   order, so each event carries a watermark rather than its own line's end: every line
-//!   before it is settled (its instance durable and its event queued ahead, or its
-//!   commit abandoned), its own line never, so the index may record that offset as
-//!   replayed-up-to once the row is committed, and a row a power loss could leave
-//!   without its directory entry is always past it and replayed.
+//!   crash or power loss.
+//!   - With fsync on the line needs no flush of its own: the journal is preallocated
+//!     (zero-filled and synced ahead of use, so a line only overwrites blocks already on
+//!     disk, changing no metadata), the line reaches the device before the instance's
+//!     own `fdatasync`, and the device cache flush that ends that `fdatasync` makes both
+//!     durable at once.
+//!   - The line is written, and its write to the device started, as soon as the sniffed
+//!     attributes name the file ([`Store::journal_ahead`]), so that it overlaps the rest
+//!     of the transfer; a line that turns out not to name what is stored (a replace
+//!     elsewhere) is followed by one that does.
+//!   - The event of a journaled instance is queued once the file has its final name, so
+//!     that the index commits the row while the directory entries are made durable
+//!     ([`Placed::make_durable`]). Commits finish in any order, so each event carries a
+//!     watermark rather than its own line's end: every line before it is settled (its
+//!     instance durable and its event queued ahead, or its commit abandoned), its own
+//!     line never. The index may record that offset as replayed-up-to once the row is
+//!     committed, and a row a power loss could leave without its directory entry is
+//!     always past it, so replayed.
+//!
+//! The whole area removed under a running process is recreated with the next instance,
+//! the files this run holds open included (its run lock, the shard lock files, its
+//! journal, whose lines go on at their offsets after a hole).
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
