@@ -27,7 +27,9 @@ from conftest import (
 from dicom_raw import VERIFICATION, Context, RawAssociation
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     JPEG2000,
     CTImageStorage,
@@ -44,6 +46,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode
+from storescp.index import Index
 
 pytest.importorskip("storescp._core", reason="the Rust core is not built")
 
@@ -506,3 +509,52 @@ def test_c_store_with_priority_and_move_originator(server: RunningServer) -> Non
     assert seen == [(777, ds.SOPInstanceUID)]
     stored = hierarchical_path(server, ds)
     assert data_set_bytes(stored) == encode(ds, True, True, False)
+
+
+# -- the index ---------------------------------------------------------------------------------
+
+
+def _explicit_le(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def test_index_rows_whatever_the_journal_line(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """The core writes an instance's journal line while its data set arrives once the
+    attributes after (0020,000E) show that the name is settled, and at commit otherwise
+    (a data set ending at (0020,000E)); a replace into another date folder names both
+    paths. Either way every stored file gets its row, and a restart (which replays the
+    journal) changes nothing."""
+    db = tmp_path / "index.db"
+    args = ["--index-db", str(db), "--naming", "date", "--duplicate", "replace"]
+    server = server_factory(args)
+    full = make_dataset(f"{ROOT}.9.1")
+    short = make_dataset(f"{ROOT}.9.2")
+    for keyword in [e.keyword for e in short if e.tag > 0x0020000E]:
+        delattr(short, keyword)
+    moved = make_dataset(f"{ROOT}.9.1", study_date="20250303")
+    with RawAssociation.connect(server.port) as raw:
+        raw.associate("STORESCP", "INDEXED", [Context(1, CTImageStorage, [ExplicitVRLittleEndian])])
+        for ds in (full, short, moved):
+            assert raw.c_store(1, CTImageStorage, ds.SOPInstanceUID, _explicit_le(ds)).status == 0
+        raw.release()
+    assert server.stop() == 0
+    study = full.StudyInstanceUID
+    expected = {
+        f"{ROOT}.9.1": f"2025/03/03/{study}/{ROOT}.9.1.dcm",
+        f"{ROOT}.9.2": f"2024/01/02/{study}/{ROOT}.9.2.dcm",
+    }
+    assert not (server.storage / f"2024/01/02/{study}/{ROOT}.9.1.dcm").exists()
+    for _ in range(2):
+        with Index.open(db) as index:
+            rows = {row.sop_instance_uid: row.path for row in index.instances()}
+            report = index.verify()
+        assert rows == expected
+        assert report.ok, report
+        restarted = server_factory(args, storage=server.storage)
+        assert restarted.stop() == 0
