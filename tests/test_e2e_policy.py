@@ -5,11 +5,13 @@ idle timeout, and the statistics printed on a signal."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -398,6 +400,67 @@ def test_concurrent_duplicates_across_two_processes(
         winner = 0 if statuses[(r, 0)] == 0 else 1
         (stored,) = [f for f in files if f.name == f"{ROOT}.25.{r}.dcm"]
         assert data_set_bytes(stored) == data_set_bytes(sources[(r, winner)])
+
+
+@pytest.mark.parametrize("duplicate", ["reject", "replace"])
+def test_two_receivers_on_one_index(
+    server_factory: ServerFactory, tmp_path: Path, duplicate: str
+) -> None:
+    """Two server processes share one storage root and one index (fsync on) and receive the
+    same SOP Instance UID at the same moment, several rounds: one file and one row per UID,
+    every row pointing at its file, as `python -m storescp.index` reports in JSON."""
+    storage = tmp_path / "shared-store"
+    db = tmp_path / "shared.db"
+    args = ["--index-db", str(db), "--duplicate", duplicate]
+    servers = [server_factory(args, storage=storage) for _ in range(2)]
+    rounds = 6
+    policy = ("reject", "replace").index(duplicate)
+    uids = [f"{ROOT}.26.{policy}.{r}" for r in range(rounds)]
+    sources = {
+        (r, who): part10(
+            make_dataset(uids[r], patient_name=f"Proc^{who}", pixel_bytes=8192 + who),
+            tmp_path / f"p{who}",
+        )
+        for r in range(rounds)
+        for who in range(2)
+    }
+    barrier = threading.Barrier(2, timeout=30)
+    statuses: dict[tuple[int, int], int] = {}
+    errors: list[BaseException] = []
+
+    def sender(who: int) -> None:
+        try:
+            with association(servers[who].port, ae_title=f"PROC{who}") as assoc:
+                for r in range(rounds):
+                    barrier.wait()
+                    statuses[(r, who)] = int(store(assoc, sources[(r, who)]).Status)
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=sender, args=(who,)) for who in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    expected = [0x0000, 0x0111] if duplicate == "reject" else [0x0000, 0x0000]
+    for r in range(rounds):
+        assert sorted((statuses[(r, 0)], statuses[(r, 1)])) == expected, r
+    for server in servers:
+        assert server.stop() == 0
+    index = [sys.executable, "-m", "storescp.index", "--db", str(db)]
+    listed = subprocess.run(
+        [*index, "instances", "--json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    rows = json.loads(listed.stdout)
+    assert sorted(row["sop_instance_uid"] for row in rows) == sorted(uids)
+    files = {f.relative_to(storage).as_posix(): f for f in servers[0].files()}
+    assert sorted(row["path"] for row in rows) == sorted(files)
+    for row in rows:
+        assert row["file_size"] == files[row["path"]].stat().st_size
+    verified = subprocess.run([*index, "verify"], capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 # -- --accept --------------------------------------------------------------------------------
