@@ -357,20 +357,18 @@ def test_concurrent_duplicates_on_two_associations(
             assert body == candidates[winner]
 
 
-def test_concurrent_duplicates_across_two_processes(
-    server_factory: ServerFactory, tmp_path: Path
-) -> None:
-    """Two server processes on the same storage root receive the same SOP Instance UID at the
-    same moment, several rounds, with reject: one 0000 and one 0111 per round, one file."""
-    storage = tmp_path / "shared-store"
-    servers = [server_factory(["--no-fsync"], storage=storage) for _ in range(2)]
-    rounds = 6
+def race_same_uids(
+    servers: Sequence[RunningServer], uids: Sequence[str], tmp_path: Path
+) -> tuple[dict[tuple[int, int], Path], dict[tuple[int, int], int]]:
+    """Round r sends uids[r] to both servers at the same moment, each over its own
+    association, with different pixel data. Returns the sources and the statuses, both
+    keyed by (round, server)."""
     sources = {
         (r, who): part10(
-            make_dataset(f"{ROOT}.25.{r}", patient_name=f"Proc^{who}", pixel_bytes=8192 + who),
+            make_dataset(uid, patient_name=f"Proc^{who}", pixel_bytes=8192 + who),
             tmp_path / f"p{who}",
         )
-        for r in range(rounds)
+        for r, uid in enumerate(uids)
         for who in range(2)
     }
     barrier = threading.Barrier(2, timeout=30)
@@ -380,7 +378,7 @@ def test_concurrent_duplicates_across_two_processes(
     def sender(who: int) -> None:
         try:
             with association(servers[who].port, ae_title=f"PROC{who}") as assoc:
-                for r in range(rounds):
+                for r in range(len(uids)):
                     barrier.wait()
                     statuses[(r, who)] = int(store(assoc, sources[(r, who)]).Status)
         except BaseException as exc:
@@ -393,6 +391,19 @@ def test_concurrent_duplicates_across_two_processes(
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+    return sources, statuses
+
+
+def test_concurrent_duplicates_across_two_processes(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Two server processes on the same storage root receive the same SOP Instance UID at the
+    same moment, several rounds, with reject: one 0000 and one 0111 per round, one file."""
+    storage = tmp_path / "shared-store"
+    servers = [server_factory(["--no-fsync"], storage=storage) for _ in range(2)]
+    rounds = 6
+    uids = [f"{ROOT}.25.{r}" for r in range(rounds)]
+    sources, statuses = race_same_uids(servers, uids, tmp_path)
     files = servers[0].files()
     assert len(files) == rounds
     for r in range(rounds):
@@ -416,34 +427,7 @@ def test_two_receivers_on_one_index(
     rounds = 6
     policy = ("reject", "replace").index(duplicate)
     uids = [f"{ROOT}.26.{policy}.{r}" for r in range(rounds)]
-    sources = {
-        (r, who): part10(
-            make_dataset(uids[r], patient_name=f"Proc^{who}", pixel_bytes=8192 + who),
-            tmp_path / f"p{who}",
-        )
-        for r in range(rounds)
-        for who in range(2)
-    }
-    barrier = threading.Barrier(2, timeout=30)
-    statuses: dict[tuple[int, int], int] = {}
-    errors: list[BaseException] = []
-
-    def sender(who: int) -> None:
-        try:
-            with association(servers[who].port, ae_title=f"PROC{who}") as assoc:
-                for r in range(rounds):
-                    barrier.wait()
-                    statuses[(r, who)] = int(store(assoc, sources[(r, who)]).Status)
-        except BaseException as exc:
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=sender, args=(who,)) for who in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    _, statuses = race_same_uids(servers, uids, tmp_path)
     expected = [0x0000, 0x0111] if duplicate == "reject" else [0x0000, 0x0000]
     for r in range(rounds):
         assert sorted((statuses[(r, 0)], statuses[(r, 1)])) == expected, r
