@@ -717,19 +717,20 @@ impl<'a> Session<'a> {
             },
         };
         let (code, comment) = match verdict {
-            Ok((placed, relpath)) if placed.is_journaled() => {
-                match self.index_while_durable(event, placed, relpath) {
-                    Some(answer) => answer,
-                    None => return false,
-                }
-            }
+            Ok(placed) if placed.is_journaled() => match self.index_while_durable(event, placed) {
+                Some(answer) => answer,
+                None => return false,
+            },
             verdict => {
-                let verdict = verdict.and_then(|(placed, relpath)| {
-                    let outcome = placed.outcome.clone();
-                    let file_size = placed.file_size;
+                let verdict = verdict.and_then(|placed| {
+                    let settled = (
+                        placed.outcome.clone(),
+                        placed.file_size,
+                        placed.relpath.clone(),
+                    );
                     placed
                         .make_durable()
-                        .map(|()| (outcome, file_size, relpath))
+                        .map(|()| settled)
                         .map_err(storage_failure)
                 });
                 self.settle(&mut event, verdict);
@@ -763,7 +764,7 @@ impl<'a> Session<'a> {
         summary: &DatasetSummary,
         incoming: Incoming,
         ahead: Option<JournalLine<'a>>,
-    ) -> Result<(Placed<'a>, String), (u16, String)> {
+    ) -> Result<Placed<'a>, (u16, String)> {
         let store = &self.shared.store;
         let (relpath, sop_uid) = file_name(store.config().naming, summary)?;
         let mismatch = |what: &str, data_set: &str, command: &str| {
@@ -789,7 +790,6 @@ impl<'a> Session<'a> {
         }
         store
             .commit(incoming, &relpath, sop_uid, ahead)
-            .map(|placed| (placed, relpath))
             .map_err(storage_failure)
     }
 
@@ -842,16 +842,15 @@ impl<'a> Session<'a> {
     /// Queues the event of a journaled instance, placed under its final name, so that
     /// Python commits its index row while the directory entries are made durable; then
     /// waits for both. Returns the status to answer, or None when the server stops first.
-    fn index_while_durable(
-        &self,
-        mut event: Event,
-        placed: Placed<'_>,
-        relpath: String,
-    ) -> Option<(u16, String)> {
+    fn index_while_durable(&self, mut event: Event, placed: Placed<'_>) -> Option<(u16, String)> {
         let shared = self.shared;
         self.settle(
             &mut event,
-            Ok((placed.outcome.clone(), placed.file_size, relpath)),
+            Ok((
+                placed.outcome.clone(),
+                placed.file_size,
+                placed.relpath.clone(),
+            )),
         );
         event.journal = shared.store.journal_name();
         let token = placed.publish(|watermark| {

@@ -136,7 +136,8 @@ pub struct Placed<'a> {
     store: &'a Store,
     pub outcome: Outcome,
     pub file_size: u64,
-    relpath: String,
+    /// The file's path relative to the root.
+    pub relpath: String,
     /// Directories created for the file (their parents' entries changed too).
     created: Vec<PathBuf>,
     /// Some for a stored or replaced instance of a run with an index journal.
