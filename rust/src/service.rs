@@ -656,12 +656,14 @@ impl<'a> Session<'a> {
                     // A sniff error surfaces again from finish(); keep receiving meanwhile.
                     let _ = sniffer.feed(data);
                 }
-                if let (Ahead::Wanted, Some(summary)) = (&ahead, sniffer.settled_summary()) {
-                    let store = &self.shared.store;
-                    *ahead = file_name(store.config().naming, summary)
-                        .ok()
-                        .and_then(|(relpath, sop_uid)| store.journal_ahead(sop_uid, &relpath))
-                        .map_or(Ahead::Not, Ahead::Written);
+                if matches!(ahead, Ahead::Wanted) {
+                    if let Some(summary) = sniffer.settled_summary() {
+                        let store = &self.shared.store;
+                        *ahead = file_name(store.config().naming, summary)
+                            .ok()
+                            .and_then(|(relpath, uid)| store.journal_ahead(uid, &relpath))
+                            .map_or(Ahead::Not, Ahead::Written);
+                    }
                 }
             }
         }
