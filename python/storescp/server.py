@@ -4,9 +4,8 @@ A `StorageSCP` owns one `_core.Server`. The core does the networking and the wri
 own threads. Python handles the core's facts in batches, one at a time and in order: it
 commits them to the index in one transaction per batch, acknowledges them so the core can
 answer success, and logs them. `serve_forever` drains the batches; while it runs, a core
-worker waiting for its C-STORE's acknowledgement while other associations run handles the
-batch itself on its own thread when no other batch is out, which spares two context
-switches per instance.
+worker waiting for its C-STORE's acknowledgement handles the batch itself on its own
+thread when no other batch is out, which spares two context switches per instance.
 
 Example::
 

@@ -7,10 +7,9 @@
 //!
 //! Batches are handled one at a time, in queue order, by one of two handlers: Python's
 //! loop, which drains the queue ([`EventQueue::drain`]), or, once Python has installed a
-//! [`Handler`], a worker waiting for an acknowledgement it chose to handle itself
-//! ([`AckBy::Worker`]) when no batch is out. That worker runs the handler on its own
-//! thread: waking Python's loop for the batch and being woken back would cost two
-//! context switches per instance.
+//! [`Handler`], the worker waiting for an acknowledgement when no batch is out. That
+//! worker runs the handler on its own thread: waking Python's loop for the batch and
+//! being woken back would cost two context switches per instance.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,18 +113,6 @@ impl Stats {
 /// worker's thread. Installed through the PyO3 boundary.
 pub type Handler = Box<dyn Fn(Vec<Event>) + Send + Sync>;
 
-/// Who should handle the batch of an event that must be acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckBy {
-    /// Python's loop, woken for it. The worker can do other work meanwhile (make the
-    /// directory entry durable); best when it is alone, and latency is all that counts.
-    Loop,
-    /// The worker itself, once in [`EventQueue::wait_ack`], if a handler is installed
-    /// and no batch is out (else the loop, as for [`AckBy::Loop`]). Spares the two
-    /// context switches; best when associations compete for the CPU.
-    Worker,
-}
-
 /// Who has a batch out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Handling {
@@ -209,16 +196,15 @@ impl EventQueue {
 
     /// Queues an event, blocking while the queue is full (unless it is closed).
     pub fn push(&self, event: Event) {
-        self.push_inner(event, None);
+        self.push_inner(event, false);
     }
 
-    /// Queues a store event that must be acknowledged; returns its token. `by` says who
-    /// should handle its batch; pass the same to [`EventQueue::wait_ack`].
-    pub fn push_for_ack(&self, event: Event, by: AckBy) -> u64 {
-        self.push_inner(event, Some(by))
+    /// Queues a store event that must be acknowledged; returns its token.
+    pub fn push_for_ack(&self, event: Event) -> u64 {
+        self.push_inner(event, true)
     }
 
-    fn push_inner(&self, mut event: Event, ack: Option<AckBy>) -> u64 {
+    fn push_inner(&self, mut event: Event, needs_ack: bool) -> u64 {
         let mut q = self.lock();
         while q.events.len() >= QUEUE_CAPACITY && !q.closed {
             q = self
@@ -227,18 +213,14 @@ impl EventQueue {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        if ack.is_some() {
+        if needs_ack {
             q.next_token += 1;
             event.ack_token = q.next_token;
         }
         let token = event.ack_token;
         q.events.push_back(event);
         // With a handler installed, the worker waiting for this token handles it.
-        let wake = match ack {
-            Some(AckBy::Worker) => self.handler.get().is_none(),
-            Some(AckBy::Loop) => true,
-            None => false,
-        } || q.events.len() >= WAKE_BATCH;
+        let wake = (needs_ack && self.handler.get().is_none()) || q.events.len() >= WAKE_BATCH;
         drop(q);
         if wake {
             self.not_empty.notify_one();
@@ -325,9 +307,8 @@ impl EventQueue {
 
     /// Waits until `token` is acknowledged: Some(true) committed, Some(false) refused,
     /// None when `give_up` says to stop waiting (hard shutdown) or the queue closed.
-    /// With `by` [`AckBy::Worker`], a handler installed and no batch out, handles the
-    /// queued events meanwhile.
-    pub fn wait_ack(&self, token: u64, by: AckBy, give_up: &dyn Fn() -> bool) -> Option<bool> {
+    /// With a handler installed and no batch out, handles the queued events meanwhile.
+    pub fn wait_ack(&self, token: u64, give_up: &dyn Fn() -> bool) -> Option<bool> {
         let mut q = self.lock();
         loop {
             if q.acked >= token {
@@ -342,11 +323,7 @@ impl EventQueue {
             if q.closed || give_up() {
                 return None;
             }
-            if by == AckBy::Worker
-                && q.handling == Handling::Idle
-                && !q.retired
-                && !q.events.is_empty()
-            {
+            if q.handling == Handling::Idle && !q.retired && !q.events.is_empty() {
                 if let Some(handler) = self.handler.get() {
                     let batch = q.take(HANDLER_BATCH, Handling::Worker);
                     drop(q);
@@ -403,22 +380,22 @@ mod tests {
     #[test]
     fn ack_releases_waiters_and_reports_refusals() {
         let q = Arc::new(EventQueue::default());
-        let t1 = q.push_for_ack(Event::new("store"), AckBy::Loop);
-        let t2 = q.push_for_ack(Event::new("store"), AckBy::Loop);
+        let t1 = q.push_for_ack(Event::new("store"));
+        let t2 = q.push_for_ack(Event::new("store"));
         assert_eq!((t1, t2), (1, 2));
         let q2 = Arc::clone(&q);
-        let waiter = std::thread::spawn(move || q2.wait_ack(t2, AckBy::Loop, &|| false));
+        let waiter = std::thread::spawn(move || q2.wait_ack(t2, &|| false));
         q.ack(1, true);
         q.ack(2, false);
         assert_eq!(waiter.join().unwrap(), Some(false));
-        assert_eq!(q.wait_ack(t1, AckBy::Loop, &|| false), Some(true));
+        assert_eq!(q.wait_ack(t1, &|| false), Some(true));
     }
 
     #[test]
     fn wait_ack_gives_up_when_told() {
         let q = EventQueue::default();
-        let t = q.push_for_ack(Event::new("store"), AckBy::Loop);
-        assert_eq!(q.wait_ack(t, AckBy::Loop, &|| true), None);
+        let t = q.push_for_ack(Event::new("store"));
+        assert_eq!(q.wait_ack(t, &|| true), None);
     }
 
     /// A give_up for wait_ack that ends a test's wait after 10 s instead of hanging.
@@ -466,11 +443,8 @@ mod tests {
         let worker = {
             let q = Arc::clone(&q);
             thread::spawn(move || {
-                let token = q.push_for_ack(store_event(8), AckBy::Worker);
-                (
-                    thread::current().id(),
-                    q.wait_ack(token, AckBy::Worker, &give_up_later()),
-                )
+                let token = q.push_for_ack(store_event(8));
+                (thread::current().id(), q.wait_ack(token, &give_up_later()))
             })
         };
         let (worker_id, answer) = worker.join().unwrap();
@@ -484,18 +458,12 @@ mod tests {
     #[test]
     fn a_handler_that_does_not_acknowledge_refuses_its_batch() {
         let (q, handled) = queue_with_handler();
-        let token = q.push_for_ack(store_event(0), AckBy::Worker);
-        assert_eq!(
-            q.wait_ack(token, AckBy::Worker, &give_up_later()),
-            Some(false)
-        );
+        let token = q.push_for_ack(store_event(0));
+        assert_eq!(q.wait_ack(token, &give_up_later()), Some(false));
         assert_eq!(handled.try_recv().unwrap().1, vec![0]);
         // The queue is free again: the next batch is handled and committed.
-        let next = q.push_for_ack(store_event(1), AckBy::Worker);
-        assert_eq!(
-            q.wait_ack(next, AckBy::Worker, &give_up_later()),
-            Some(true)
-        );
+        let next = q.push_for_ack(store_event(1));
+        assert_eq!(q.wait_ack(next, &give_up_later()), Some(true));
     }
 
     #[test]
@@ -504,17 +472,14 @@ mod tests {
         let failed = {
             let q = Arc::clone(&q);
             thread::spawn(move || {
-                let token = q.push_for_ack(store_event(99), AckBy::Worker);
-                let _ = q.wait_ack(token, AckBy::Worker, &give_up_later());
+                let token = q.push_for_ack(store_event(99));
+                let _ = q.wait_ack(token, &give_up_later());
             })
         };
         assert!(failed.join().is_err());
-        assert_eq!(q.wait_ack(1, AckBy::Worker, &give_up_later()), Some(false));
-        let next = q.push_for_ack(store_event(1), AckBy::Worker);
-        assert_eq!(
-            q.wait_ack(next, AckBy::Worker, &give_up_later()),
-            Some(true)
-        );
+        assert_eq!(q.wait_ack(1, &give_up_later()), Some(false));
+        let next = q.push_for_ack(store_event(1));
+        assert_eq!(q.wait_ack(next, &give_up_later()), Some(true));
         assert!(!q.is_finished());
         q.close();
         assert!(q.is_finished());
@@ -536,8 +501,8 @@ mod tests {
         let worker = {
             let q = Arc::clone(&q);
             thread::spawn(move || {
-                let token = q.push_for_ack(store_event(1), AckBy::Worker);
-                q.wait_ack(token, AckBy::Worker, &give_up_later())
+                let token = q.push_for_ack(store_event(1));
+                q.wait_ack(token, &give_up_later())
             })
         };
         entered.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -550,31 +515,14 @@ mod tests {
     }
 
     #[test]
-    fn an_event_for_the_loop_is_handled_by_the_loop() {
-        let (q, handled) = queue_with_handler();
-        let worker = {
-            let q = Arc::clone(&q);
-            thread::spawn(move || {
-                let token = q.push_for_ack(store_event(4), AckBy::Loop);
-                q.wait_ack(token, AckBy::Loop, &give_up_later())
-            })
-        };
-        let batch = q.drain(Duration::from_secs(10), 10);
-        assert_eq!(batch.iter().map(|e| e.assoc_id).collect::<Vec<_>>(), [4]);
-        q.ack(batch[0].ack_token, true);
-        assert_eq!(worker.join().unwrap(), Some(true));
-        assert!(handled.try_recv().is_err());
-    }
-
-    #[test]
     fn once_retired_workers_wait_for_the_loop() {
         let (q, handled) = queue_with_handler();
         q.retire_handler();
         let worker = {
             let q = Arc::clone(&q);
             thread::spawn(move || {
-                let token = q.push_for_ack(store_event(5), AckBy::Worker);
-                q.wait_ack(token, AckBy::Worker, &give_up_later())
+                let token = q.push_for_ack(store_event(5));
+                q.wait_ack(token, &give_up_later())
             })
         };
         let batch = q.drain(Duration::from_secs(10), 10);

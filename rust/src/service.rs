@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::association::{negotiate, AcceptedContext, Negotiation};
 use crate::dimse::{self, command_field, status, Command};
-use crate::events::{AckBy, Event, Stats};
+use crate::events::{Event, Stats};
 use crate::meta::encode_file_meta;
 use crate::naming::{relative_path, validate_uid, Naming};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
@@ -841,19 +841,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Queues the event of a journaled instance, placed under its final name, then makes
-    /// the directory entries durable and waits for the index row. Alone, the association
-    /// has Python's loop commit the row meanwhile; with others running, it commits the
-    /// queued batch itself afterwards (see [`AckBy`]): on this 2-vCPU machine that cost
-    /// less than the loop's wake-ups with 4 associations and more with 1 (RESULTS.md).
-    /// Returns the status to answer, or None when the server stops first.
+    /// Queues the event of a journaled instance, placed under its final name, so that
+    /// Python commits its index row while the directory entries are made durable; then
+    /// waits for both. Returns the status to answer, or None when the server stops first.
     fn index_while_durable(&self, mut event: Event, placed: Placed<'_>) -> Option<(u16, String)> {
         let shared = self.shared;
-        let by = if shared.active_associations() > 1 {
-            AckBy::Worker
-        } else {
-            AckBy::Loop
-        };
         self.settle(
             &mut event,
             Ok((
@@ -865,12 +857,12 @@ impl<'a> Session<'a> {
         event.journal = shared.store.journal_name();
         let token = placed.publish(|watermark| {
             event.journal_offset = watermark;
-            shared.events.push_for_ack(event, by)
+            shared.events.push_for_ack(event)
         });
         let durable = placed.make_durable();
         let indexed = shared
             .events
-            .wait_ack(token, by, &|| shared.control.is_hard_stopped());
+            .wait_ack(token, &|| shared.control.is_hard_stopped());
         let failure = |reason: String, answer: (u16, String)| {
             Stats::add(&shared.stats.failures, 1);
             let mut error = self.peer.event("error");
