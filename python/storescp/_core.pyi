@@ -1,6 +1,5 @@
 """Typed surface of the Rust core (rust/src/lib.rs). Checked by mypy.stubtest."""
 
-from collections.abc import Callable
 from typing import Final
 
 IMPLEMENTATION_CLASS_UID: Final[str]
@@ -100,13 +99,6 @@ class Server:
         """Wait up to timeout for events (GIL released). None once stopped and drained."""
     def ack(self, upto_token: int, ok: bool = True) -> None:
         """Acknowledge every store event with ack_token <= upto_token (index committed)."""
-    def handle_on_workers(self, handler: Callable[[list[Event]], object]) -> None:
-        """From now on a worker waiting for its acknowledgement, when no batch is out,
-        calls handler(batch) on its own thread, holding the GIL, instead of waiting for
-        next_events() to return the batch. Batches stay one at a time and in order; a
-        batch the handler does not acknowledge is refused. A second call is ignored."""
-    def retire_handler(self) -> None:
-        """Stop workers from calling the handler; returns once none is (GIL released)."""
     def shutdown(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting; in-flight C-STOREs may finish within drain_timeout, then abort.
 

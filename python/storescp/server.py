@@ -1,11 +1,9 @@
 """The Python API of the server: start the core, drain its events, index, log, stop.
 
 A `StorageSCP` owns one `_core.Server`. The core does the networking and the writing on its
-own threads. Python handles the core's facts in batches, one at a time and in order: it
-commits them to the index in one transaction per batch, acknowledges them so the core can
-answer success, and logs them. `serve_forever` drains the batches; while it runs, a core
-worker waiting for its C-STORE's acknowledgement handles the batch itself on its own
-thread when no other batch is out, which spares two context switches per instance.
+own threads; Python runs a single event loop (`serve_forever`) that receives the core's facts
+in batches, commits them to the index in one transaction per batch, acknowledges them so the
+core can answer success, and logs them.
 
 Example::
 
@@ -19,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import tempfile
@@ -246,11 +243,9 @@ class StorageSCP:
         """Run the event loop until the server is stopped and every event is handled.
 
         Each batch of events is recorded in the index (one transaction), acknowledged to the
-        core (which only then answers success to the waiting C-STOREs), and logged, here or,
-        while this runs, on a core worker waiting for the batch's acknowledgement. If the
+        core (which only then answers success to the waiting C-STOREs), and logged. If the
         index fails, the batch is acknowledged as failed, the error is logged, and the loop
-        goes on. On return no worker handles batches any more, the index is closed and the
-        uptime frozen.
+        goes on. On return the index is closed and the uptime frozen.
 
         If the loop itself is interrupted (an exception, e.g. KeyboardInterrupt), the core is
         shut down without drain, since nobody would acknowledge its C-STOREs any more, and
@@ -265,10 +260,6 @@ class StorageSCP:
                 raise RuntimeError("serve_forever() already ran or is running")
             self._loop_started = True
         drained = False
-        server.handle_on_workers(lambda batch: self._handle(server, batch))
-        # If the interpreter exits with this loop still running (a daemon thread), no worker
-        # may enter Python once it finalizes.
-        atexit.register(server.retire_handler)
         try:
             while (batch := server.next_events(_POLL_SECONDS)) is not None:
                 if batch:
@@ -277,8 +268,6 @@ class StorageSCP:
         finally:
             if not drained:
                 server.shutdown(0.0)
-            server.retire_handler()
-            atexit.unregister(server.retire_handler)
             self._ended_at = time.monotonic()
             self._close_index()
             self._console.flush()

@@ -2,10 +2,8 @@
 //! (with the `python` feature) its PyO3 boundary, `storescp._core`.
 //!
 //! Only this file imports pyo3. Python hands down every policy once, as a
-//! `CoreConfig`. Python handles events in batches and acknowledges index commits
-//! (see `events.rs`): its loop drains them, and a worker waiting for an
-//! acknowledgement may call Python's handler for the batch itself. No worker calls
-//! Python per PDU or per fragment.
+//! `CoreConfig`; workers never call Python; Python drains events in batches and
+//! acknowledges index commits (see `events.rs`).
 
 pub mod association;
 pub mod dimse;
@@ -298,28 +296,6 @@ mod python {
         #[pyo3(signature = (upto_token, ok = true))]
         fn ack(&self, upto_token: u64, ok: bool) -> PyResult<()> {
             self.running()?.ack(upto_token, ok);
-            Ok(())
-        }
-
-        /// From now on, a worker waiting for its C-STORE's acknowledgement calls
-        /// `handler(batch)` itself, holding the GIL, when no batch is out. An exception
-        /// is reported as unraisable; the batch is then refused (see `events.rs`).
-        fn handle_on_workers(&self, handler: Py<PyAny>) -> PyResult<()> {
-            self.running()?.install_handler(Box::new(move |batch| {
-                Python::attach(|py| {
-                    let batch: Vec<Event> = batch.into_iter().map(Event::from).collect();
-                    if let Err(e) = handler.call1(py, (batch,)) {
-                        e.write_unraisable(py, None);
-                    }
-                });
-            }));
-            Ok(())
-        }
-
-        /// Stops workers from calling the handler; returns once none is (GIL released).
-        fn retire_handler(&self, py: Python<'_>) -> PyResult<()> {
-            let running = self.running()?;
-            py.detach(|| running.retire_handler());
             Ok(())
         }
 

@@ -190,17 +190,6 @@ impl Server {
         self.shared.events.ack(upto, ok);
     }
 
-    /// Lets workers handle queued batches themselves (see [`EventQueue::install_handler`]).
-    pub fn install_handler(&self, handler: crate::events::Handler) {
-        self.shared.events.install_handler(handler);
-    }
-
-    /// Stops workers from handling batches; returns once none is (see
-    /// [`EventQueue::retire_handler`]).
-    pub fn retire_handler(&self) {
-        self.shared.events.retire_handler();
-    }
-
     /// Stops accepting; in-flight C-STOREs may finish within `drain`, then every
     /// association is aborted. Returns at once; `next_events` ends with None.
     pub fn shutdown(&self, drain: Duration) {
