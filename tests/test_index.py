@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from index_support import (
     write_journal,
 )
 from storescp.index import SCHEMA_VERSION, Filters, Index, IndexOpenError, StoreBusyError
+from storescp.index.checkpoint import Checkpointer
 from storescp.index.layout import read_journal
 
 RUN = "4242-1700000000000000000"
@@ -636,3 +638,39 @@ def test_read_journal_resumes_after_a_hole(root: Path) -> None:
         f.write(journal_line("stored", "1.2.17.9", "1.2/1.2.17.9.dcm").encode())
     read = [line.sop_instance_uid for line in read_journal(path, 0)]
     assert read == ["1.2.17.0", "1.2.17.1"]
+
+
+def checkpoint_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "storescp-index-checkpoint"]
+
+
+def test_the_checkpointer_copies_the_wal_into_the_database(tmp_path: Path) -> None:
+    db = tmp_path / "wal.db"
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE t (payload BLOB)")
+    writer.executemany("INSERT INTO t VALUES (?)", [(os.urandom(1000),) for _ in range(2000)])
+    # Nothing has checkpointed: the rows are in the log only.
+    assert db.stat().st_size < 64 * 1024
+    checkpointer = Checkpointer(db, interval=0.05)
+    try:
+        for _ in range(200):
+            if db.stat().st_size > 1_000_000:
+                break
+            time.sleep(0.05)
+        assert db.stat().st_size > 1_000_000
+    finally:
+        checkpointer.close()
+        writer.close()
+    assert not checkpoint_threads()
+
+
+def test_an_index_with_background_checkpoints_runs_its_thread_until_closed(
+    db: Path, root: Path
+) -> None:
+    with Index.open(db, root, background_checkpoints=True) as index:
+        assert len(checkpoint_threads()) == 1
+        assert index.record([event("1.2.3.1"), event("1.2.3.2")]) == 2
+    assert not checkpoint_threads()
+    assert [r[0] for r in rows(db)] == ["1.2.3.1", "1.2.3.2"]

@@ -173,7 +173,12 @@ class StorageSCP:
 
         try:
             # The core fsyncs its journal before success: the index need not fsync too.
-            index = Index.open(db_path, self.config.storage_dir, durable=False)
+            index = Index.open(
+                db_path,
+                self.config.storage_dir,
+                durable=False,
+                background_checkpoints=True,
+            )
         except IndexOpenError as exc:
             raise StartError(f"cannot open index database {db_path}: {exc}") from exc
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import TracebackType
 
 from storescp.index import maintenance, query
+from storescp.index.checkpoint import Checkpointer
 from storescp.index.layout import StorageLayout
 from storescp.index.maintenance import Progress, RebuildReport, ReconcileReport, VerifyReport
 from storescp.index.model import InstanceRecord, StoreEvent, utc_now_iso
@@ -34,10 +35,16 @@ class Index:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, db_path: Path, storage_dir: Path | None, created: bool
+        self,
+        conn: sqlite3.Connection,
+        db_path: Path,
+        storage_dir: Path | None,
+        created: bool,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         """Wraps an open connection; use `Index.open` instead."""
         self._conn = conn
+        self._checkpointer = checkpointer
         self._db_path = db_path
         self._writer = RowWriter(conn)
         self._storage_dir = storage_dir
@@ -53,6 +60,7 @@ class Index:
         create: bool = True,
         durable: bool = True,
         busy_timeout: float = 30.0,
+        background_checkpoints: bool = False,
     ) -> Index:
         """Opens (creating and migrating if needed) the index at `db_path`.
 
@@ -65,6 +73,9 @@ class Index:
                 False (NORMAL): the core's journal, fsync'd before success, already
                 brings back a commit lost to power loss at the next reconcile.
             busy_timeout: seconds a write waits for another process's transaction.
+            background_checkpoints: commits never checkpoint the WAL; a thread of
+                this Index does, from its own connection (see `checkpoint.py`). For
+                the server, whose commits are on the path that answers C-STOREs.
 
         Raises:
             IndexOpenError: the database is missing (create=False), unreadable, not
@@ -75,10 +86,14 @@ class Index:
         )
         try:
             root = _remember_storage_dir(conn, storage_dir)
+            checkpointer = None
+            if background_checkpoints:
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                checkpointer = Checkpointer(Path(db_path))
         except sqlite3.Error as exc:
             conn.close()
             raise IndexOpenError(f"cannot use index database {str(db_path)!r}: {exc}") from exc
-        return cls(conn, Path(db_path), root, created)
+        return cls(conn, Path(db_path), root, created, checkpointer)
 
     @property
     def storage_dir(self) -> Path | None:
@@ -202,6 +217,8 @@ class Index:
     def close(self) -> None:
         """Closes the database; the Index is unusable afterwards."""
         with self._lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             self._conn.close()
 
     def __enter__(self) -> Index:
