@@ -768,6 +768,7 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
     runs: list[dict[str, float]] = []
     for k in range(args.runs):
         log(f"ceilings run {k + 1}/{args.runs}")
+        drop_page_cache()
         argv = [str(loadgen), "ceilings", "--dir", str(workdir / f"run{k}"), "--json"]
         done = subprocess.run(
             [*argv, "--scale", str(args.scale), "--no-cleanup"], capture_output=True, check=True
