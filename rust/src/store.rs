@@ -805,8 +805,10 @@ enum TempName {
 }
 
 /// With fsync on, writeback of a large instance is started every this many bytes
-/// while it still arrives, so the final fdatasync finds little left to write.
-const WRITEBACK_CHUNK: u64 = 8 << 20;
+/// while it still arrives, so the final fdatasync finds little left to write. Smaller
+/// chunks keep the device busier while the network delivers the rest: large, 1 assoc,
+/// root filesystem, 6 interleaved runs: 9.95 img/s at 1 MB, 9.3 at 2 MB, 8.65 at 8 MB.
+const WRITEBACK_CHUNK: u64 = 1 << 20;
 
 /// An instance being received: its temporary file, gone on drop unless placed.
 pub struct Incoming {
