@@ -725,11 +725,7 @@ impl<'a> Session<'a> {
             },
             verdict => {
                 let verdict = verdict.and_then(|placed| {
-                    let settled = (
-                        placed.outcome.clone(),
-                        placed.file_size,
-                        placed.relpath.clone(),
-                    );
+                    let settled = placed.report();
                     placed
                         .make_durable()
                         .map(|()| settled)
@@ -846,14 +842,7 @@ impl<'a> Session<'a> {
     /// waits for both. Returns the status to answer, or None when the server stops first.
     fn index_while_durable(&self, mut event: Event, placed: Placed<'_>) -> Option<(u16, String)> {
         let shared = self.shared;
-        self.settle(
-            &mut event,
-            Ok((
-                placed.outcome.clone(),
-                placed.file_size,
-                placed.relpath.clone(),
-            )),
-        );
+        self.settle(&mut event, Ok(placed.report()));
         event.journal = shared.store.journal_name();
         let token = placed.publish(|watermark| {
             event.journal_offset = watermark;

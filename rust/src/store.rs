@@ -145,6 +145,11 @@ pub struct Placed<'a> {
 }
 
 impl Placed<'_> {
+    /// What the C-STORE's answer and event report of it: outcome, file size, path.
+    pub fn report(&self) -> (Outcome, u64, String) {
+        (self.outcome.clone(), self.file_size, self.relpath.clone())
+    }
+
     /// Whether the index must commit a row for this instance before success.
     pub fn is_journaled(&self) -> bool {
         self.journal_line.is_some()
