@@ -235,6 +235,31 @@ def test_disk_full_a700_then_stores_again_once_space_is_freed(
             stop_quietly(server)
 
 
+def test_large_instances_past_the_direct_write_offset_are_stored_or_fail_cleanly(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """With fsync on, the bytes of an instance past its first 4 MB bypass the page cache
+    (direct writes on a thread of their own). On a 16 MB tmpfs: a 6 MB instance is
+    stored byte for byte; a 20 MB one does not fit and gets an A7xx status with an
+    Error Comment, leaving no partial file; the server goes on."""
+    storage = tmp_path / "store"
+    with tmpfs(storage, "16m"):
+        server = server_factory(storage=storage)
+        try:
+            guard = Guard.arm(server, tmp_path)
+            fits = new_uid("32")
+            fits_data = instance_bytes(fits, pixel_bytes=6 * MB + 1234)
+            assert raw_store(server.port, fits, fits_data) == (0, "")
+            too_big = new_uid("33")
+            a700_with_comment(
+                *raw_store(server.port, too_big, instance_bytes(too_big, pixel_bytes=20 * MB))
+            )
+            guard.check(allowed={fits: fits_data}, required=[fits])
+            assert server.proc.poll() is None
+        finally:
+            stop_quietly(server)
+
+
 @contextmanager
 def read_only_bind(path: Path) -> Iterator[None]:
     """`path` made read-only in place for everyone, root included: a bind mount of the

@@ -7,6 +7,7 @@
 
 pub mod association;
 pub mod dimse;
+pub mod direct_write;
 pub mod events;
 pub mod group_sync;
 pub mod meta;
