@@ -10,10 +10,10 @@
 //! a staging buffer, while a buffer written before goes to the device.
 //!
 //! The staging buffers start at a file offset that is a multiple of [`ALIGN`] and are
-//! [`ALIGN`]-aligned in memory and in length, as O_DIRECT requires. The last, partial
-//! buffer is written through the page cache by the caller at commit, so that the
-//! file's `fdatasync` makes it and the metadata (size, allocation) durable together
-//! with the blocks already written here.
+//! [`ALIGN`]-aligned in memory and in length, as O_DIRECT requires. The last bytes,
+//! short of a whole block, are written through the page cache by the caller at commit,
+//! so that the file's `fdatasync` makes them and the metadata (size, allocation)
+//! durable together with the blocks already written here.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -169,14 +169,21 @@ impl DirectWriter {
         Ok(staging)
     }
 
-    /// Waits for every direct write; returns the bytes not written yet (less than one
-    /// buffer, to be written through the page cache) and the offset they go to.
+    /// Writes the aligned part of the last buffer and waits for every direct write;
+    /// returns the bytes not written (less than [`ALIGN`], to be written through the
+    /// page cache) and the offset they go to.
     pub fn finish(mut self) -> io::Result<(Vec<u8>, u64)> {
+        let aligned = self.current.filled - self.current.filled % ALIGN;
+        let rest = self.current.filled()[aligned..].to_vec();
+        if aligned > 0 {
+            self.current.filled = aligned;
+            self.hand_over()?;
+        }
         while self.in_flight > 0 {
             let staging = self.wait_one()?;
             self.free.push(staging);
         }
-        Ok((self.current.filled().to_vec(), self.offset))
+        Ok((rest, self.offset))
     }
 }
 
@@ -252,8 +259,8 @@ mod tests {
             writer.write(piece).unwrap();
         }
         let (tail, offset) = writer.finish().unwrap();
-        assert_eq!(tail.len(), 12_345);
-        assert_eq!(offset, (head.len() + 3 * STAGING_LEN) as u64);
+        assert_eq!(tail.len(), 12_345 % ALIGN);
+        assert_eq!(offset, (head.len() + body.len() - tail.len()) as u64);
         file.write_all_at(&tail, offset).unwrap();
         let read = fs::read(&path).unwrap();
         assert_eq!(&read[..head.len()], &head[..]);

@@ -901,8 +901,8 @@ impl Incoming {
         Ok(())
     }
 
-    /// Writes what is still held back: the header of an empty data set, the bytes of
-    /// the last direct buffer (through the page cache, at their offset).
+    /// Writes what is still held back: the header of an empty data set, the direct
+    /// writes' last bytes (those short of a block through the page cache).
     fn finish(&mut self) -> io::Result<()> {
         if !self.header.is_empty() {
             self.write(&[])?;
