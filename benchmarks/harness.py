@@ -785,6 +785,8 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         "fsync_dir_ms_p50": "fsync directory after rename, ms (median)",
         "durable_store_ms_p50": "create+write+fsync+rename+dir fsync, ms (median)",
         "durable_4k_per_s": "durable 4 KB files/s, one at a time",
+        "durable_4k_x4_per_s": "durable 4 KB files/s, 4 writers",
+        "durable_512k_x4_per_s": "durable 512 KB files/s, 4 writers",
     }
     lines = ["| ceiling | median | min | max |", "|---|---|---|---|"]
     for key, label in labels.items():

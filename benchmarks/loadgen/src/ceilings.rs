@@ -6,7 +6,9 @@
 //! - write + fdatasync: the same followed by one `fdatasync`, timed together;
 //! - create + write + rename of 4 KB and 512 KB files, one directory, no sync;
 //! - fsync latency: for a new 4 KB file, `fsync` of the file, then `rename` and `fsync` of
-//!   its directory (the durable-store sequence), each timed, run one file at a time.
+//!   its directory (the durable-store sequence), each timed, run one file at a time;
+//! - the same durable-store sequence from 4 threads at once, for 4 KB and 512 KB files
+//!   (what per-file durability allows with 4 associations).
 //!
 //! File creation is slow for a while after many files were deleted on an ext4 without a
 //! journal (the allocator skips inodes deleted in the last 60 s, 360 s while their inode
@@ -238,6 +240,60 @@ fn fsync_latency(dir: &Path, count: usize, cleanup: bool) -> Result<([f64; 6], f
     ))
 }
 
+/// Files per second, all writers together, of `writers` threads each storing files of
+/// `size` bytes durably one after the other in one shared directory: create, write,
+/// fdatasync, rename, fsync of the directory. What per-file durability allows when
+/// several associations store at once (the server groups directory fsyncs, so it may do
+/// a little better).
+fn durable_parallel(
+    dir: &Path,
+    size: usize,
+    writers: usize,
+    count: usize,
+    cleanup: bool,
+) -> Result<f64, String> {
+    sync_all_disks();
+    let sub = dir.join(format!("ceiling-durable-{size}x{writers}"));
+    if sub.exists() {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
+    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let per_writer = count.div_ceil(writers);
+    let buffer = vec![0x5Au8; size];
+    let store = |w: usize| -> Result<(), String> {
+        let directory = File::open(&sub).map_err(|e| err("open", &sub, e))?;
+        for i in 0..per_writer {
+            let tmp = sub.join(format!(".tmp-{w}-{i}"));
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| err("create", &tmp, e))?;
+            file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
+            file.sync_data().map_err(|e| err("fdatasync", &tmp, e))?;
+            drop(file);
+            let target = sub.join(format!("file-{w}-{i}.dcm"));
+            fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
+            directory.sync_all().map_err(|e| err("fsync", &sub, e))?;
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| scope.spawn(move || store(w)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
+    })?;
+    let per_second = (per_writer * writers) as f64 / started.elapsed().as_secs_f64();
+    if cleanup {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
+    Ok(per_second)
+}
+
 /// Runs every measurement and prints them; returns Ok(true) when all ran.
 pub fn main(argv: &[String]) -> Result<bool, String> {
     let options = parse(argv)?;
@@ -254,8 +310,10 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let small_files = create_rename(&options.dir, 4096, scaled(20000, s), keep)?;
     let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), keep)?;
     let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), keep)?;
+    let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), keep)?;
+    let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), keep)?;
     sync_all_disks();
-    let rows: [(&str, f64, &str); 12] = [
+    let rows: [(&str, f64, &str); 14] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
         (
             "page_cache_write_mb_s",
@@ -311,6 +369,16 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
             "durable_4k_per_s",
             durable_per_s,
             "durable 4 KB files/s, one at a time",
+        ),
+        (
+            "durable_4k_x4_per_s",
+            durable_4k_x4,
+            "durable 4 KB files/s, 4 writers",
+        ),
+        (
+            "durable_512k_x4_per_s",
+            durable_512k_x4,
+            "durable 512 KB files/s, 4 writers",
         ),
     ];
     if options.json {
