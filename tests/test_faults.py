@@ -239,7 +239,7 @@ def test_large_instances_past_the_direct_write_offset_are_stored_or_fail_cleanly
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     """With fsync on, the bytes of an instance past its first 4 MB bypass the page cache
-    (direct writes on a thread of their own). On a 16 MB tmpfs: a 6 MB instance is
+    (direct writes on threads of their own). On a 16 MB tmpfs: a 6 MB instance is
     stored byte for byte; a 20 MB one does not fit and gets an A7xx status with an
     Error Comment, leaving no partial file; the server goes on."""
     storage = tmp_path / "store"
