@@ -423,11 +423,9 @@ class Guard:
         missing = [uid for uid in required if uid not in seen]
         assert not missing, f"not stored: {missing}"
         dcmdump_ok(new)
-        registry = storage / ".storescp" / "sop"
-        if registry.is_dir():
-            for link in registry.iterdir():
-                target = (storage / os.readlink(link)).resolve()
-                assert target.is_relative_to(storage.resolve()), f"{link} -> {target}"
+        for link in (storage / ".storescp" / "sop").glob("*/*"):
+            target = (storage / os.readlink(link)).resolve()
+            assert target.is_relative_to(storage.resolve()), f"{link} -> {target}"
         assert outside_tree(self.root, storage) == self.outside, "files changed outside"
         self.snapshot()
         return new

@@ -93,9 +93,18 @@ def store_file(root: Path, ev: FakeEvent, *, register: bool = True) -> FakeEvent
     return replace(ev, file_size=path.stat().st_size)
 
 
+def registry_link(root: Path, sop: str) -> Path:
+    """Where the core keeps the registry link of `sop`: `sop/<xx>/<uid>`, `xx` the
+    UID's FNV-1a hash modulo 256 in hex (rust/src/store.rs, `registry_link`)."""
+    digest = 0xCBF29CE484222325
+    for byte in sop.encode("ascii"):
+        digest = ((digest ^ byte) * 0x100000001B3) % 2**64
+    return root / PRIVATE / "sop" / f"{digest % 256:02x}" / sop
+
+
 def link_registry(root: Path, sop: str, relpath: str) -> None:
     """Points the core's registry entry for `sop` at `relpath`."""
-    link = root / PRIVATE / "sop" / sop
+    link = registry_link(root, sop)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
     link.symlink_to(relpath)

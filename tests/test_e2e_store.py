@@ -4,6 +4,7 @@ process, and the files on disk are checked byte for byte (SPEC.md sections 3 and
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from conftest import (
     write_part10,
 )
 from dicom_raw import VERIFICATION, Context, RawAssociation
+from index_support import registry_link
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
@@ -234,6 +236,9 @@ def test_storescu_stores_bit_exact(
         sop_instance_uid=uid,
         calling_ae="MODALITY1",
     )
+    # The duplicate registry: a link in the UID's folder to the stored file's path.
+    relpath = stored.relative_to(server.storage).as_posix()
+    assert os.readlink(registry_link(server.storage, uid)) == relpath
 
 
 def test_storescu_scans_a_directory_tree(server: RunningServer, tmp_path: Path) -> None:

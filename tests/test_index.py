@@ -27,7 +27,7 @@ from index_support import (
 )
 from storescp.index import SCHEMA_VERSION, Filters, Index, IndexOpenError, StoreBusyError
 from storescp.index.checkpoint import Checkpointer
-from storescp.index.layout import read_journal
+from storescp.index.layout import PRIVATE_DIR, StorageLayout, read_journal
 
 RUN = "4242-1700000000000000000"
 
@@ -411,6 +411,19 @@ def test_a_new_index_over_an_empty_store_is_not_rebuilt(index: Index) -> None:
 
 
 # --- verify --------------------------------------------------------------------------
+
+
+def test_layout_reads_registry_links_in_folders_and_flat_ones(root: Path) -> None:
+    """The registry as the core writes it (`sop/<xx>/<uid>`) and as an older version
+    left it (`sop/<uid>`, moved into folders when the server next starts)."""
+    link_registry(root, "1.2.20.1", "a/1.dcm")
+    flat = root / PRIVATE_DIR / "sop" / "1.2.20.2"
+    flat.symlink_to("b/2.dcm")
+    (root / PRIVATE_DIR / "sop" / "stray-file").write_text("not a link")
+    layout = StorageLayout(root)
+    assert layout.registry() == {"1.2.20.1": "a/1.dcm", "1.2.20.2": "b/2.dcm"}
+    assert layout.has_registry_entries()
+    assert not StorageLayout(root / "empty").has_registry_entries()
 
 
 def test_verify_finds_every_kind_of_disagreement(index: Index, root: Path) -> None:

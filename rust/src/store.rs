@@ -7,9 +7,14 @@
 //!   processes) around the commit of every SOP Instance UID that hashes to k, so the
 //!   duplicate decision is atomic across threads *and* processes sharing the root, while
 //!   instances of different shards commit in parallel.
-//! - `sop/<SOPInstanceUID>`: a symlink whose target is the file's path relative to the
-//!   root: the registry of what is stored, whatever the naming scheme. A dangling link
-//!   (a crash between linking and renaming) counts as "not stored".
+//! - `sop/<xx>/<SOPInstanceUID>`: a symlink whose target is the file's path relative to
+//!   the root: the registry of what is stored, whatever the naming scheme. A dangling
+//!   link (a crash between linking and renaming) counts as "not stored". `xx` is the
+//!   UID's hash modulo 256 in two hex digits ([`registry_link`]): no one directory holds
+//!   every UID of an archive (ext4 without `large_dir` refuses entries past about ten
+//!   million in one directory), and concurrent associations seldom queue on the same
+//!   directory's lock. Links of an older, flat `sop/<SOPInstanceUID>` are moved into
+//!   their folders at start.
 //! - `run/<runid>.lock`: held (`flock`) by the process `runid` = "pid-nanos" while it runs.
 //! - `tmp/<runid>/`: that process's temporary files; swept at start once the owner is gone.
 //! - `journal/<runid>.log`: with an index, one line per instance written before the
@@ -273,6 +278,69 @@ fn open_lock(path: &Path) -> io::Result<File> {
     }
 }
 
+/// FNV-1a of the UID: stable across processes and versions, unlike std's hasher, since
+/// every process must map a UID to the same commit shard and registry folder.
+fn uid_hash(sop_uid: &str) -> u64 {
+    sop_uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Folders of the registry under `sop/`.
+const REGISTRY_FOLDERS: u64 = 256;
+
+/// The registry link of `sop_uid`: `sop/<xx>/<uid>`, `xx` its hash's folder.
+pub fn registry_link(private: &Path, sop_uid: &str) -> PathBuf {
+    let folder = format!("{:02x}", uid_hash(sop_uid) % REGISTRY_FOLDERS);
+    private.join("sop").join(folder).join(sop_uid)
+}
+
+/// Creates the registry link `link` -> `relpath` (its folder on first use). False
+/// when the link exists already: the UID was seen before.
+fn claim_registry(link: &Path, relpath: &str) -> io::Result<bool> {
+    for attempt in 0..2 {
+        match std::os::unix::fs::symlink(relpath, link) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                let folder = link.parent().unwrap_or(link);
+                match fs::create_dir(folder) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::ErrorKind::NotFound.into())
+}
+
+/// Moves the links of a flat registry (`sop/<uid>`, before the folders) into their
+/// folders. Call with the commit lock held, before this run stores anything.
+fn migrate_flat_registry(private: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(private.join("sop"))? {
+        let entry = entry?;
+        if !entry.file_type()?.is_symlink() {
+            continue;
+        }
+        let Some(uid) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let link = registry_link(private, &uid);
+        if let Some(folder) = link.parent() {
+            fs::create_dir_all(folder)?;
+        }
+        // A link (not its target: linkat without AT_SYMLINK_FOLLOW) that fails when the
+        // folder has one already: that one was written since, by this version, and wins.
+        match fs::hard_link(entry.path(), &link) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        fs::remove_file(entry.path())?;
+    }
+    Ok(())
+}
+
 fn shard_path(private: &Path, k: usize) -> PathBuf {
     private.join("lock.d").join(k.to_string())
 }
@@ -324,6 +392,7 @@ impl Store {
         let registered = (|| {
             let run_lock = hold_run_lock(&private, &run_id)?;
             sweep_dead_runs(&private)?;
+            migrate_flat_registry(&private)?;
             let tmp_dir = private.join("tmp").join(&run_id);
             fs::create_dir(&tmp_dir)?;
             Ok::<_, io::Error>((run_lock, tmp_dir))
@@ -482,11 +551,7 @@ impl Store {
     /// Holds the commit shard of `sop_uid`. The shard must not depend on anything but
     /// the UID: every process maps a UID to the same lock file.
     fn lock(&self, sop_uid: &str) -> io::Result<CommitGuard<'_>> {
-        // FNV-1a: stable across processes and versions, unlike std's hasher.
-        let hash = sop_uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        let shard = &self.shards[(hash % SHARDS as u64) as usize];
+        let shard = &self.shards[(uid_hash(sop_uid) % SHARDS as u64) as usize];
         let file = shard.lock().unwrap_or_else(|e| e.into_inner());
         flock(&file, libc::LOCK_EX)?;
         Ok(CommitGuard { file })
@@ -534,15 +599,11 @@ impl Store {
         ahead: Option<JournalLine<'a>>,
         journal_line: &mut Option<JournalLine<'a>>,
     ) -> io::Result<(Outcome, Vec<PathBuf>)> {
-        let link = self.private.join("sop").join(sop_uid);
+        let link = registry_link(&self.private, sop_uid);
         let _guard = self.lock(sop_uid)?;
         // Claiming the registry entry is also the check: it exists only for a UID seen
         // before (a crash may leave one dangling, which counts as not stored).
-        let claimed = match std::os::unix::fs::symlink(relpath, &link) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(e),
-        };
+        let claimed = claim_registry(&link, relpath)?;
         let registered = (!claimed)
             .then(|| fs::read_link(&link).ok())
             .flatten()
@@ -1250,6 +1311,37 @@ mod tests {
         bare.make_durable().unwrap();
         assert_eq!(fs::read(root.join("1.1.dcm")).unwrap(), b"HDRonetwo");
         assert_eq!(fs::read(root.join("1.2.dcm")).unwrap(), b"HDR");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The registry link is in its folder under `sop/`; a flat link left by an older
+    /// version is moved there at start and still decides duplicates.
+    #[test]
+    fn registry_links_live_in_folders_and_flat_ones_move_there() {
+        let root = tempdir("registry");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        assert_eq!(put(&s, "1.1.dcm", "1.1", b"one"), Outcome::Stored);
+        let private = root.join(PRIVATE_DIR);
+        let link = registry_link(&private, "1.1");
+        assert_eq!(fs::read_link(&link).unwrap(), Path::new("1.1.dcm"));
+        assert_eq!(
+            link.parent().unwrap().parent().unwrap(),
+            private.join("sop")
+        );
+        assert!(fs::symlink_metadata(private.join("sop/1.1")).is_err());
+        drop(s);
+
+        fs::write(root.join("old.dcm"), b"old").unwrap();
+        std::os::unix::fs::symlink("old.dcm", private.join("sop/2.2")).unwrap();
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        assert!(fs::symlink_metadata(private.join("sop/2.2")).is_err());
+        let moved = registry_link(&private, "2.2");
+        assert_eq!(fs::read_link(moved).unwrap(), Path::new("old.dcm"));
+        assert_eq!(
+            put(&s, "2.2.dcm", "2.2", b"new"),
+            Outcome::Duplicate("old.dcm".into())
+        );
+        assert!(!root.join("2.2.dcm").exists());
         fs::remove_dir_all(root).unwrap();
     }
 

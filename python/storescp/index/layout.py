@@ -1,9 +1,11 @@
 """What the index reads from the storage root: files, the core's registry and journals.
 
-The core's private area is `ROOT/.storescp/` (see rust/src/store.rs): `sop/<uid>`
-symlinks to the stored file's relative path, `run/<runid>.lock` held with flock by each
-live process, and `journal/<runid>.log` lines "op TAB sop_uid TAB relpath TAB
-replaced_relpath LF" appended before each file is renamed into place.
+The core's private area is `ROOT/.storescp/` (see rust/src/store.rs): `sop/<xx>/<uid>`
+symlinks to the stored file's relative path (`xx` one of 256 folders; a root the server
+has not opened since an older version may still hold flat `sop/<uid>` links),
+`run/<runid>.lock` held with flock by each live process, and `journal/<runid>.log` lines
+"op TAB sop_uid TAB relpath TAB replaced_relpath LF" appended before each file is renamed
+into place.
 """
 
 from __future__ import annotations
@@ -69,14 +71,22 @@ class StorageLayout:
     def registry(self) -> dict[str, str]:
         """SOP Instance UID -> relative path, for every registry link (dangling included)."""
         entries: dict[str, str] = {}
-        for entry in _scandir(self.root / PRIVATE_DIR / "sop"):
-            with suppress(OSError):  # not a link: not the core's, ignore it
+        for entry in self._registry_links():
+            with suppress(OSError):  # vanished meanwhile
                 entries[entry.name] = os.readlink(entry.path)
         return entries
 
     def has_registry_entries(self) -> bool:
         """Whether the core has ever stored an instance under this root."""
-        return any(True for _ in _scandir(self.root / PRIVATE_DIR / "sop"))
+        return any(True for _ in self._registry_links())
+
+    def _registry_links(self) -> Iterator[os.DirEntry[str]]:
+        """The registry's links: in its folders, and flat ones of an older version."""
+        for entry in _scandir(self.root / PRIVATE_DIR / "sop"):
+            if entry.is_symlink():
+                yield entry
+            elif entry.is_dir(follow_symlinks=False):
+                yield from (e for e in _scandir(Path(entry.path)) if e.is_symlink())
 
     def walk_files(self) -> Iterator[str]:
         """Relative paths ('/'-separated) of every regular file in the store.
