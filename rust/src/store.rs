@@ -290,7 +290,7 @@ fn uid_hash(sop_uid: &str) -> u64 {
 const REGISTRY_FOLDERS: u64 = 256;
 
 /// The registry link of `sop_uid`: `sop/<xx>/<uid>`, `xx` its hash's folder.
-pub fn registry_link(private: &Path, sop_uid: &str) -> PathBuf {
+fn registry_link(private: &Path, sop_uid: &str) -> PathBuf {
     let folder = format!("{:02x}", uid_hash(sop_uid) % REGISTRY_FOLDERS);
     private.join("sop").join(folder).join(sop_uid)
 }
@@ -896,8 +896,9 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Appends data set bytes exactly as received (after the header, in the same call
-    /// the first time: one write per fragment).
+    /// Appends data set bytes exactly as received: through the page cache, one write
+    /// per fragment (with the header in the same call the first time); with fsync on,
+    /// the bytes past [`DIRECT_FROM`] into the direct writer's staging buffers.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         if let Some(direct) = &mut self.direct {
             direct.write(bytes)?;
