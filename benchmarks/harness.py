@@ -779,6 +779,7 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         "tcp_loopback_mb_s": "loopback TCP, MB/s",
         "page_cache_write_mb_s": "page-cache write, MB/s",
         "write_fdatasync_mb_s": "write + fdatasync, MB/s",
+        "direct_write_mb_s": "O_DIRECT writes (1 MiB, 2 in flight) + fdatasync, MB/s",
         "create_write_rename_4k_per_s": "create+write+rename 4 KB, files/s",
         "create_write_rename_512k_per_s": "create+write+rename 512 KB, files/s",
         "fsync_file_ms_p50": "fsync new 4 KB file, ms (median)",

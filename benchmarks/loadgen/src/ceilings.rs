@@ -4,6 +4,7 @@
 //! - loopback TCP: one sender thread writing 1 MiB buffers, one receiver reading them;
 //! - page-cache writes: 1 MiB `write`s to one new file, no sync;
 //! - write + fdatasync: the same followed by one `fdatasync`, timed together;
+//! - direct writes: 1 MiB `O_DIRECT` writes, two in flight, then one `fdatasync`;
 //! - create + write + rename of 4 KB and 512 KB files, one directory, no sync;
 //! - fsync latency: for a new 4 KB file, `fsync` of the file, then `rename` and `fsync` of
 //!   its directory (the durable-store sequence), each timed, run one file at a time;
@@ -24,11 +25,15 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 const MIB: usize = 1 << 20;
+
+/// Alignment of direct I/O buffers and offsets (4Kn devices; enough for 512-byte ones).
+const ALIGN: usize = 4096;
 
 struct Options {
     dir: PathBuf,
@@ -149,6 +154,49 @@ fn sequential_write(dir: &Path, total: usize, datasync: bool) -> Result<f64, Str
     drop(file);
     fs::remove_file(&path).map_err(|e| err("remove", &path, e))?;
     Ok(written as f64 / seconds / 1e6)
+}
+
+/// MB/s of 1 MiB `O_DIRECT` writes to a new file, two in flight (a thread each, taking
+/// alternate chunks), then one fdatasync, timed together: what the device takes with the
+/// page cache out of the way, the path storescp uses for large instances with fsync on.
+fn direct_write(dir: &Path, total: usize) -> Result<f64, String> {
+    sync_all_disks();
+    let path = dir.join("ceiling-direct.bin");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .map_err(|e| err("create (O_DIRECT)", &path, e))?;
+    let backing = vec![0x5Cu8; MIB + ALIGN];
+    let start = backing.as_ptr().align_offset(ALIGN);
+    let chunk = backing
+        .get(start..start + MIB)
+        .ok_or("cannot align a direct I/O buffer")?;
+    let chunks = total / MIB;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|first| {
+                let (file, path) = (&file, &path);
+                scope.spawn(move || {
+                    (first..chunks).step_by(2).try_for_each(|k| {
+                        file.write_all_at(chunk, (k * MIB) as u64)
+                            .map_err(|e| err("write (O_DIRECT)", path, e))
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
+    })?;
+    file.sync_data().map_err(|e| err("fdatasync", &path, e))?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(file);
+    fs::remove_file(&path).map_err(|e| err("remove", &path, e))?;
+    Ok((chunks * MIB) as f64 / seconds / 1e6)
 }
 
 /// Files per second of create (temporary name) + write + close + rename into one directory.
@@ -306,6 +354,7 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let tcp = tcp_loopback(scaled(4096, s) * MIB)?;
     let page_cache = sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
     let datasync = sequential_write(&options.dir, scaled(1024, s) * MIB, true)?;
+    let direct = direct_write(&options.dir, scaled(1024, s) * MIB)?;
     let keep = options.cleanup;
     let small_files = create_rename(&options.dir, 4096, scaled(20000, s), keep)?;
     let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), keep)?;
@@ -313,7 +362,7 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), keep)?;
     let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), keep)?;
     sync_all_disks();
-    let rows: [(&str, f64, &str); 14] = [
+    let rows: [(&str, f64, &str); 15] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
         (
             "page_cache_write_mb_s",
@@ -324,6 +373,11 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
             "write_fdatasync_mb_s",
             datasync,
             "write + one fdatasync, MB/s",
+        ),
+        (
+            "direct_write_mb_s",
+            direct,
+            "O_DIRECT 1 MiB writes, 2 in flight, + fdatasync, MB/s",
         ),
         (
             "create_write_rename_4k_per_s",
