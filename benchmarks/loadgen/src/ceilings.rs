@@ -156,6 +156,26 @@ fn sequential_write(dir: &Path, total: usize, datasync: bool) -> Result<f64, Str
     Ok(written as f64 / seconds / 1e6)
 }
 
+/// `path` as a new, empty directory (whatever an earlier run left there is removed).
+fn fresh_dir(path: &Path) -> Result<PathBuf, String> {
+    if path.exists() {
+        fs::remove_dir_all(path).map_err(|e| err("remove", path, e))?;
+    }
+    fs::create_dir_all(path).map_err(|e| err("mkdir", path, e))?;
+    Ok(path.to_path_buf())
+}
+
+/// A new file at `path` (which must not exist) holding `bytes`, still open.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<File, String> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| err("create", path, e))?;
+    file.write_all(bytes).map_err(|e| err("write", path, e))?;
+    Ok(file)
+}
+
 /// MB/s of 1 MiB `O_DIRECT` writes to a new file, two in flight (a thread each, taking
 /// alternate chunks), then one fdatasync, timed together: what the device takes with the
 /// page cache out of the way, the path storescp uses for large instances with fsync on.
@@ -202,22 +222,12 @@ fn direct_write(dir: &Path, total: usize) -> Result<f64, String> {
 /// Files per second of create (temporary name) + write + close + rename into one directory.
 fn create_rename(dir: &Path, size: usize, count: usize, cleanup: bool) -> Result<f64, String> {
     sync_all_disks();
-    let sub = dir.join(format!("ceiling-create-{size}"));
-    if sub.exists() {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let sub = fresh_dir(&dir.join(format!("ceiling-create-{size}")))?;
     let buffer = vec![0x3Cu8; size];
     let started = Instant::now();
     for i in 0..count {
         let tmp = sub.join(format!(".tmp-{i}"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| err("create", &tmp, e))?;
-        file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
-        drop(file);
+        drop(write_new(&tmp, &buffer)?);
         let target = sub.join(format!("file-{i}.dcm"));
         fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
     }
@@ -232,11 +242,7 @@ fn create_rename(dir: &Path, size: usize, count: usize, cleanup: bool) -> Result
 /// milliseconds, and durable 4 KB files per second one at a time.
 fn fsync_latency(dir: &Path, count: usize, cleanup: bool) -> Result<([f64; 6], f64), String> {
     sync_all_disks();
-    let sub = dir.join("ceiling-fsync");
-    if sub.exists() {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let sub = fresh_dir(&dir.join("ceiling-fsync"))?;
     let directory = File::open(&sub).map_err(|e| err("open", &sub, e))?;
     let buffer = vec![0x77u8; 4096];
     let mut file_ms = Vec::with_capacity(count);
@@ -246,12 +252,7 @@ fn fsync_latency(dir: &Path, count: usize, cleanup: bool) -> Result<([f64; 6], f
     for i in 0..count {
         let t0 = Instant::now();
         let tmp = sub.join(format!(".tmp-{i}"));
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| err("create", &tmp, e))?;
-        file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
+        let file = write_new(&tmp, &buffer)?;
         let t1 = Instant::now();
         file.sync_all().map_err(|e| err("fsync", &tmp, e))?;
         let t2 = Instant::now();
@@ -301,23 +302,14 @@ fn durable_parallel(
     cleanup: bool,
 ) -> Result<f64, String> {
     sync_all_disks();
-    let sub = dir.join(format!("ceiling-durable-{size}x{writers}"));
-    if sub.exists() {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    fs::create_dir_all(&sub).map_err(|e| err("mkdir", &sub, e))?;
+    let sub = fresh_dir(&dir.join(format!("ceiling-durable-{size}x{writers}")))?;
     let per_writer = count.div_ceil(writers);
     let buffer = vec![0x5Au8; size];
     let store = |w: usize| -> Result<(), String> {
         let directory = File::open(&sub).map_err(|e| err("open", &sub, e))?;
         for i in 0..per_writer {
             let tmp = sub.join(format!(".tmp-{w}-{i}"));
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| err("create", &tmp, e))?;
-            file.write_all(&buffer).map_err(|e| err("write", &tmp, e))?;
+            let file = write_new(&tmp, &buffer)?;
             file.sync_data().map_err(|e| err("fdatasync", &tmp, e))?;
             drop(file);
             let target = sub.join(format!("file-{w}-{i}.dcm"));
