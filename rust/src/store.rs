@@ -298,21 +298,18 @@ fn registry_link(private: &Path, sop_uid: &str) -> PathBuf {
 /// Creates the registry link `link` -> `relpath` (its folder on first use). False
 /// when the link exists already: the UID was seen before.
 fn claim_registry(link: &Path, relpath: &str) -> io::Result<bool> {
-    for attempt in 0..2 {
-        match std::os::unix::fs::symlink(relpath, link) {
-            Ok(()) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
-                let folder = link.parent().unwrap_or(link);
-                match fs::create_dir(folder) {
-                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                    _ => {}
-                }
-            }
-            Err(e) => return Err(e),
+    let mut made = std::os::unix::fs::symlink(relpath, link);
+    if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        match fs::create_dir(link.parent().unwrap_or(link)) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => made = std::os::unix::fs::symlink(relpath, link),
         }
     }
-    Err(io::ErrorKind::NotFound.into())
+    match made {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Moves the links of a flat registry (`sop/<uid>`, before the folders) into their
@@ -900,24 +897,14 @@ impl Incoming {
     /// per fragment (with the header in the same call the first time); with fsync on,
     /// the bytes past [`DIRECT_FROM`] into the direct writer's staging buffers.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if let Some(direct) = &mut self.direct {
-            direct.write(bytes)?;
-            self.size += bytes.len() as u64;
-            return Ok(());
-        }
-        let reached = self.size + self.header.len() as u64;
-        let through_cache = match self.written_back {
-            Some(_) if reached <= DIRECT_FROM && reached + bytes.len() as u64 > DIRECT_FROM => {
-                (DIRECT_FROM - reached) as usize
+        let (cached, rest) = bytes.split_at(self.through_cache(bytes.len()));
+        if self.direct.is_none() {
+            self.write_cached(cached)?;
+            if rest.is_empty() {
+                return Ok(());
             }
-            _ => bytes.len(),
-        };
-        let (cached, rest) = bytes.split_at(through_cache);
-        self.write_cached(cached)?;
-        if rest.is_empty() {
-            return Ok(());
+            self.start_direct()?;
         }
-        self.start_direct()?;
         match &mut self.direct {
             Some(direct) => {
                 direct.write(rest)?;
@@ -925,6 +912,19 @@ impl Incoming {
                 Ok(())
             }
             None => self.write_cached(rest),
+        }
+    }
+
+    /// How many of the next `len` bytes go through the page cache: all of them, but
+    /// with fsync on none past [`DIRECT_FROM`].
+    fn through_cache(&self, len: usize) -> usize {
+        let reached = self.size + self.header.len() as u64;
+        match (&self.direct, self.written_back) {
+            (Some(_), _) => 0,
+            (None, Some(_)) if reached <= DIRECT_FROM && reached + len as u64 > DIRECT_FROM => {
+                (DIRECT_FROM - reached) as usize
+            }
+            _ => len,
         }
     }
 
@@ -1137,6 +1137,18 @@ mod tests {
         .unwrap()
     }
 
+    /// A store with fsync on, flat naming, duplicates rejected.
+    fn durable_store(root: &Path, journal: bool) -> Store {
+        Store::open(StoreConfig {
+            root: root.to_path_buf(),
+            naming: Naming::Flat,
+            duplicate: DuplicatePolicy::Reject,
+            fsync: true,
+            journal,
+        })
+        .unwrap()
+    }
+
     fn put(s: &Store, relpath: &str, uid: &str, body: &[u8]) -> Outcome {
         let mut inc = s.begin(b"HDR").unwrap();
         inc.write(body).unwrap();
@@ -1195,14 +1207,7 @@ mod tests {
     #[test]
     fn durable_journal_is_preallocated() {
         let root = tempdir("prealloc");
-        let s = Store::open(StoreConfig {
-            root: root.clone(),
-            naming: Naming::Flat,
-            duplicate: DuplicatePolicy::Reject,
-            fsync: true,
-            journal: true,
-        })
-        .unwrap();
+        let s = durable_store(&root, true);
         let path = root.join(".storescp/journal").join(s.journal_name());
         assert_eq!(fs::metadata(&path).unwrap().len(), JOURNAL_CHUNK);
         let ahead = s.journal_ahead("1.1", "1.1.dcm").unwrap();
@@ -1268,14 +1273,7 @@ mod tests {
     #[test]
     fn large_instance_with_fsync_is_stored_whole() {
         let root = tempdir("direct");
-        let s = Store::open(StoreConfig {
-            root: root.clone(),
-            naming: Naming::Flat,
-            duplicate: DuplicatePolicy::Reject,
-            fsync: true,
-            journal: false,
-        })
-        .unwrap();
+        let s = durable_store(&root, false);
         let body: Vec<u8> = (0..DIRECT_FROM as usize * 2 + 4_099)
             .map(|i| (i * 7 % 253) as u8)
             .collect();

@@ -30,10 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-const MIB: usize = 1 << 20;
+use _core::direct_write::ALIGN;
 
-/// Alignment of direct I/O buffers and offsets (4Kn devices; enough for 512-byte ones).
-const ALIGN: usize = 4096;
+const MIB: usize = 1 << 20;
 
 struct Options {
     dir: PathBuf,
