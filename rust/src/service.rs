@@ -14,13 +14,16 @@ use crate::naming::{relative_path, validate_uid, Naming};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
 use crate::server::Shared;
 use crate::sniff::{DatasetSummary, Encoding, Sniffer};
-use crate::store::{local_date_today, Incoming, JournalLine, Outcome, Placed};
+use crate::store::{local_date_today, Incoming, JournalLine, Outcome, Placed, FRAGMENTS_PER_WRITE};
 use crate::transport::{PduReader, ReadError, Waiting};
 
 /// Largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
 const MAX_ASSOCIATE_RQ: usize = 1 << 20;
 /// How long an idle association polls for its next request before its read sleeps.
 const SPIN_FOR_NEXT_REQUEST: Duration = Duration::from_micros(50);
+/// Initial size of an association's receive buffer: room for 16 PDUs of 16 KB, whose
+/// data set fragments are then written in one call.
+const RECEIVE_BUFFER: usize = 256 * 1024;
 /// Largest command set accepted; real ones are under 1 KB.
 const MAX_COMMAND_SET: usize = 64 * 1024;
 
@@ -63,7 +66,7 @@ pub fn run(shared: &Shared, stream: TcpStream, addr: SocketAddr, assoc_id: u64) 
     let Ok(writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = PduReader::new(stream, 64 * 1024);
+    let mut reader = PduReader::new(stream, RECEIVE_BUFFER);
     let Some((contexts, peer_max_pdu)) = establish(shared, &mut reader, &writer, addr, &mut peer)
     else {
         linger(&writer);
@@ -335,6 +338,51 @@ struct InFlight<'a> {
     bytes: u64,
 }
 
+/// Data set fragments of one instance not yet written: they point into the receive
+/// buffer, so those of several buffered PDUs go to the file in one call.
+struct Fragments<'b> {
+    parts: [&'b [u8]; FRAGMENTS_PER_WRITE],
+    len: usize,
+}
+
+impl<'b> Fragments<'b> {
+    fn new() -> Fragments<'b> {
+        Fragments {
+            parts: [&[]; FRAGMENTS_PER_WRITE],
+            len: 0,
+        }
+    }
+
+    /// Holds `data` back; false when full.
+    fn push(&mut self, data: &'b [u8]) -> bool {
+        let Some(part) = self.parts.get_mut(self.len) else {
+            return false;
+        };
+        *part = data;
+        self.len += 1;
+        true
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Writes the fragments to `incoming` and clears them. A failure is recorded and
+    /// drops the temporary file; the rest of the data set is then read and discarded.
+    fn write_to(&mut self, incoming: &mut Option<Incoming>, failure: &mut Option<(u16, String)>) {
+        if let (Some(file), None) = (incoming.as_mut(), failure.as_ref()) {
+            if let Err(e) = file.write(&self.parts[..self.len]) {
+                *failure = Some((
+                    status::OUT_OF_RESOURCES,
+                    format!("cannot write data set: {e}"),
+                ));
+                *incoming = None;
+            }
+        }
+        self.clear();
+    }
+}
+
 /// An established association.
 struct Session<'a> {
     shared: &'a Shared,
@@ -396,8 +444,8 @@ impl<'a> Session<'a> {
                     .filter(|t| w.idle >= *t)
                     .map(|t| format!("idle timeout ({} s)", t.as_secs()))
             };
-            let (pdu_type, body) = match reader.next_pdu(&limit, &mut wait) {
-                Ok(pdu) => pdu,
+            let pdus = match reader.next_pdus(&limit, &mut wait) {
+                Ok(pdus) => pdus,
                 Err(e) => {
                     if let ReadError::Protocol { reason, .. } = &e {
                         send_abort(&self.writer, *reason);
@@ -407,37 +455,45 @@ impl<'a> Session<'a> {
                     return End::Aborted(read_error_text(&e));
                 }
             };
-            let step = match pdu_type {
-                pdu_type::P_DATA_TF => self.p_data(body),
-                pdu_type::RELEASE_RQ => {
-                    let discarded = self.inflight.take().is_some();
-                    send(&self.writer, &pdu::encode_release_rp());
-                    return if discarded {
-                        End::Aborted("released during a transfer; partial data discarded".into())
-                    } else {
-                        End::Released
-                    };
-                }
-                _ => {
-                    let (source, reason) = pdu::parse_abort(body).unwrap_or((0, 0));
-                    return End::Aborted(format!(
-                        "A-ABORT from peer (source {source}, reason {reason})"
-                    ));
-                }
-            };
-            match step {
-                Ok(true) => {}
-                Ok(false) => return End::Aborted("connection lost while responding".into()),
-                Err(a) => {
-                    send_abort(&self.writer, a.reason);
-                    return End::Aborted(a.message);
+            let mut fragments = Fragments::new();
+            for (pdu_type, body) in pdus {
+                let step = match pdu_type {
+                    pdu_type::P_DATA_TF => self.p_data(body, &mut fragments),
+                    pdu_type::RELEASE_RQ => {
+                        let discarded = self.inflight.take().is_some();
+                        send(&self.writer, &pdu::encode_release_rp());
+                        return if discarded {
+                            End::Aborted(
+                                "released during a transfer; partial data discarded".into(),
+                            )
+                        } else {
+                            End::Released
+                        };
+                    }
+                    _ => {
+                        let (source, reason) = pdu::parse_abort(body).unwrap_or((0, 0));
+                        return End::Aborted(format!(
+                            "A-ABORT from peer (source {source}, reason {reason})"
+                        ));
+                    }
+                };
+                match step {
+                    Ok(true) => {}
+                    Ok(false) => return End::Aborted("connection lost while responding".into()),
+                    Err(a) => {
+                        send_abort(&self.writer, a.reason);
+                        return End::Aborted(a.message);
+                    }
                 }
             }
+            self.write_fragments(&mut fragments);
         }
     }
 
-    /// Handles the PDVs of one P-DATA-TF. Ok(false): the peer is gone.
-    fn p_data(&mut self, body: &[u8]) -> Result<bool, Abort> {
+    /// Handles the PDVs of one P-DATA-TF; data set fragments join `fragments`, written
+    /// when it is full, at the data set's end, or after the last PDU buffered. Ok(false):
+    /// the peer is gone.
+    fn p_data<'b>(&mut self, body: &'b [u8], fragments: &mut Fragments<'b>) -> Result<bool, Abort> {
         for pdv in pdu::pdvs(body) {
             let pdv = pdv.map_err(|e| Abort::new(e.abort_reason(), e.to_string()))?;
             if self.context(pdv.context_id).is_none() {
@@ -452,7 +508,7 @@ impl<'a> Session<'a> {
             let alive = if pdv.is_command {
                 self.command_fragment(pdv.context_id, pdv.data, pdv.is_last)?
             } else {
-                self.data_fragment(pdv.context_id, pdv.data, pdv.is_last)?
+                self.data_fragment(pdv.context_id, pdv.data, pdv.is_last, fragments)?
             };
             if !alive {
                 return Ok(false);
@@ -621,7 +677,13 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn data_fragment(&mut self, context_id: u8, data: &[u8], last: bool) -> Result<bool, Abort> {
+    fn data_fragment<'b>(
+        &mut self,
+        context_id: u8,
+        data: &'b [u8],
+        last: bool,
+        fragments: &mut Fragments<'b>,
+    ) -> Result<bool, Abort> {
         let Some(inflight) = self.inflight.as_mut() else {
             return Err(Abort::new(
                 abort::UNEXPECTED_PDU_PARAMETER,
@@ -643,14 +705,9 @@ impl<'a> Session<'a> {
         } = &mut inflight.receiving
         {
             if failure.is_none() {
-                if let Some(file) = incoming.as_mut() {
-                    if let Err(e) = file.write(data) {
-                        *failure = Some((
-                            status::OUT_OF_RESOURCES,
-                            format!("cannot write data set: {e}"),
-                        ));
-                        *incoming = None;
-                    }
+                if incoming.is_some() && !fragments.push(data) {
+                    fragments.write_to(incoming, failure);
+                    fragments.push(data); // room again: the write cleared them
                 }
                 if !sniffer.is_done() {
                     // A sniff error surfaces again from finish(); keep receiving meanwhile.
@@ -670,10 +727,25 @@ impl<'a> Session<'a> {
         if !last {
             return Ok(true);
         }
+        self.write_fragments(fragments);
         let Some(done) = self.inflight.take() else {
             return Ok(true);
         };
         Ok(self.finish(done))
+    }
+
+    /// Writes the fragments held back to the instance being received.
+    fn write_fragments(&mut self, fragments: &mut Fragments<'_>) {
+        if let Some(InFlight {
+            receiving: Receiving::Store {
+                incoming, failure, ..
+            },
+            ..
+        }) = self.inflight.as_mut()
+        {
+            fragments.write_to(incoming, failure);
+        }
+        fragments.clear();
     }
 
     /// The whole data set has arrived: decide, commit, answer.

@@ -35,6 +35,35 @@ pub struct Waiting {
     pub mid_pdu: bool,
 }
 
+/// The PDU at some offset of the buffer.
+enum Framed {
+    /// Whole, of this length (header included).
+    Whole(usize),
+    /// Not all there: this many bytes from its start are needed (first the header).
+    Partial(usize),
+}
+
+/// Whole PDUs, each as (type, body), returned together by [`PduReader::next_pdus`];
+/// their headers were checked when they were framed.
+#[derive(Debug)]
+pub struct Pdus<'r> {
+    bytes: &'r [u8],
+}
+
+impl<'r> Iterator for Pdus<'r> {
+    type Item = (u8, &'r [u8]);
+
+    fn next(&mut self) -> Option<(u8, &'r [u8])> {
+        // PS3.8 9.3.1: bytes 3-6 of the header are the PDU-length.
+        let length = u32::from_be_bytes(self.bytes.get(2..PDU_HEADER_LEN)?.try_into().ok()?);
+        let (pdu, rest) = self
+            .bytes
+            .split_at_checked(PDU_HEADER_LEN + length as usize)?;
+        self.bytes = rest;
+        Some((pdu[0], &pdu[PDU_HEADER_LEN..]))
+    }
+}
+
 /// Reads PDUs from a stream into a reusable buffer.
 pub struct PduReader {
     stream: TcpStream,
@@ -81,39 +110,86 @@ impl PduReader {
         limit: &dyn Fn(u8) -> Option<usize>,
         wait: &mut dyn FnMut(Waiting) -> Option<String>,
     ) -> Result<(u8, &[u8]), ReadError> {
+        let total = self.await_pdu(limit, wait)?;
+        self.consumed = total;
+        let pdu = &self.buf[self.start..self.start + total];
+        Ok((pdu[0], &pdu[PDU_HEADER_LEN..]))
+    }
+
+    /// Like [`PduReader::next_pdu`], but returns every whole PDU already buffered after
+    /// the first as well, so that the caller can write the data of several P-DATA-TF in
+    /// one call. The batch ends before a PDU that is incomplete or invalid; the next
+    /// call returns that one, or its error.
+    pub fn next_pdus(
+        &mut self,
+        limit: &dyn Fn(u8) -> Option<usize>,
+        wait: &mut dyn FnMut(Waiting) -> Option<String>,
+    ) -> Result<Pdus<'_>, ReadError> {
+        let mut total = self.await_pdu(limit, wait)?;
+        while let Ok(Framed::Whole(next)) = self.frame_at(self.start + total, limit) {
+            total += next;
+        }
+        self.consumed = total;
+        Ok(Pdus {
+            bytes: &self.buf[self.start..self.start + total],
+        })
+    }
+
+    /// Releases the PDUs returned last, then reads until a whole, valid PDU starts the
+    /// buffer; returns its length, header included.
+    fn await_pdu(
+        &mut self,
+        limit: &dyn Fn(u8) -> Option<usize>,
+        wait: &mut dyn FnMut(Waiting) -> Option<String>,
+    ) -> Result<usize, ReadError> {
         self.start += self.consumed;
         self.consumed = 0;
+        if self.start == self.end {
+            // Nothing buffered: the next read goes to the front, whose cache lines are hot.
+            (self.start, self.end) = (0, 0);
+        }
         loop {
-            let available = self.end - self.start;
-            if available >= PDU_HEADER_LEN {
-                let mut header = [0u8; PDU_HEADER_LEN];
-                header.copy_from_slice(&self.buf[self.start..self.start + PDU_HEADER_LEN]);
-                let (pdu_type, length) = parse_pdu_header(&header).map_err(protocol)?;
-                let length = length as usize;
-                let max = limit(pdu_type).ok_or_else(|| ReadError::Protocol {
-                    reason: abort::UNEXPECTED_PDU,
-                    message: format!("unexpected PDU type 0x{pdu_type:02X} in this state"),
-                })?;
-                if length > max {
-                    return Err(ReadError::Protocol {
-                        reason: abort::INVALID_PDU_PARAMETER_VALUE,
-                        message: format!(
-                            "PDU type 0x{pdu_type:02X} length {length} exceeds the maximum {max}"
-                        ),
-                    });
-                }
-                let total = PDU_HEADER_LEN + length;
-                if available >= total {
-                    let body_start = self.start + PDU_HEADER_LEN;
-                    self.consumed = total;
-                    return Ok((pdu_type, &self.buf[body_start..self.start + total]));
-                }
-                self.make_room(total);
-            } else {
-                self.make_room(PDU_HEADER_LEN);
+            match self.frame_at(self.start, limit)? {
+                Framed::Whole(total) => return Ok(total),
+                Framed::Partial(needed) => self.make_room(needed),
             }
             self.fill(wait)?;
         }
+    }
+
+    /// Frames the PDU buffered at `at`: its header is checked against `limit` as soon
+    /// as it is there.
+    fn frame_at(
+        &self,
+        at: usize,
+        limit: &dyn Fn(u8) -> Option<usize>,
+    ) -> Result<Framed, ReadError> {
+        let available = self.end - at;
+        if available < PDU_HEADER_LEN {
+            return Ok(Framed::Partial(PDU_HEADER_LEN));
+        }
+        let mut header = [0u8; PDU_HEADER_LEN];
+        header.copy_from_slice(&self.buf[at..at + PDU_HEADER_LEN]);
+        let (pdu_type, length) = parse_pdu_header(&header).map_err(protocol)?;
+        let length = length as usize;
+        let max = limit(pdu_type).ok_or_else(|| ReadError::Protocol {
+            reason: abort::UNEXPECTED_PDU,
+            message: format!("unexpected PDU type 0x{pdu_type:02X} in this state"),
+        })?;
+        if length > max {
+            return Err(ReadError::Protocol {
+                reason: abort::INVALID_PDU_PARAMETER_VALUE,
+                message: format!(
+                    "PDU type 0x{pdu_type:02X} length {length} exceeds the maximum {max}"
+                ),
+            });
+        }
+        let total = PDU_HEADER_LEN + length;
+        Ok(if available >= total {
+            Framed::Whole(total)
+        } else {
+            Framed::Partial(total)
+        })
     }
 
     /// Ensures the buffer can hold `needed` bytes from `start`: moves the partial PDU to
@@ -274,6 +350,34 @@ mod tests {
             reader.next_pdu(&any, &mut never),
             Err(ReadError::Closed)
         ));
+    }
+
+    /// Every whole PDU buffered comes in one batch; a partial one waits for the next
+    /// call, and an invalid header after valid PDUs is refused only once they are out.
+    #[test]
+    fn batch_holds_the_whole_pdus_buffered() {
+        let (mut client, mut reader) = pair();
+        // Two P-DATA-TF (PS3.8 9.3.5: type 04, reserved, length) with 2- and 3-byte
+        // bodies, an A-RELEASE-RQ (type 05, length 4), then 4 bytes of a P-DATA-TF.
+        let mut bytes = vec![4, 0, 0, 0, 0, 2, 1, 2, 4, 0, 0, 0, 0, 3, 3, 4, 5];
+        bytes.extend_from_slice(&[5, 0, 0, 0, 0, 4, 0, 0, 0, 0, 4, 0, 0, 0]);
+        client.write_all(&bytes).unwrap();
+        let mut never = |_: Waiting| None;
+        let mut batch = Vec::new();
+        while batch.len() < 3 {
+            let pdus = reader.next_pdus(&any, &mut never).unwrap();
+            batch.extend(pdus.map(|(t, body)| (t, body.to_vec())));
+        }
+        assert_eq!(
+            batch,
+            [(4, vec![1, 2]), (4, vec![3, 4, 5]), (5, vec![0, 0, 0, 0])]
+        );
+        // The rest of the P-DATA-TF (length 1), then an unknown PDU type.
+        client.write_all(&[0, 1, 9, 0x42, 0, 0, 0, 0, 0]).unwrap();
+        let pdus: Vec<_> = reader.next_pdus(&any, &mut never).unwrap().collect();
+        assert_eq!(pdus, [(4, &[9u8][..])]);
+        let err = reader.next_pdus(&any, &mut never).unwrap_err();
+        assert!(matches!(err, ReadError::Protocol { reason: 1, .. }));
     }
 
     /// Polling before a read blocks changes nothing in what is read: a PDU that arrives
