@@ -788,6 +788,10 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         "durable_4k_per_s": "durable 4 KB files/s, one at a time",
         "durable_4k_x4_per_s": "durable 4 KB files/s, 4 writers",
         "durable_512k_x4_per_s": "durable 512 KB files/s, 4 writers",
+        "store_with_registry_x1_per_s": "4 KB O_TMPFILE + symlink + link/s, 1 writer",
+        "store_with_registry_x4_per_s": "4 KB O_TMPFILE + symlink + link/s, 4 writers",
+        "round_trips_x1_per_s": "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
+        "round_trips_x4_per_s": "loopback 3 KB request + 100 B answer/s, 4 pairs",
     }
     lines = ["| ceiling | median | min | max |", "|---|---|---|---|"]
     for key, label in labels.items():

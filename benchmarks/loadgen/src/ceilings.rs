@@ -9,7 +9,13 @@
 //! - fsync latency: for a new 4 KB file, `fsync` of the file, then `rename` and `fsync` of
 //!   its directory (the durable-store sequence), each timed, run one file at a time;
 //! - the same durable-store sequence from 4 threads at once, for 4 KB and 512 KB files
-//!   (what per-file durability allows with 4 associations).
+//!   (what per-file durability allows with 4 associations);
+//! - storescp's own filesystem work per tiny instance with fsync off (an anonymous file,
+//!   its registry symlink, its link), from 1 and 4 threads;
+//! - loopback exchanges of a 3 KB request and a 100-byte answer, one at a time, from 1
+//!   pair of threads (the responder polling for the next request, as storescp's lone
+//!   association does) and from 4 (nobody polling): the network's part of a tiny
+//!   instance's round trip.
 //!
 //! File creation is slow for a while after many files were deleted on an ext4 without a
 //! journal (the allocator skips inodes deleted in the last 60 s, 360 s while their inode
@@ -26,9 +32,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use _core::direct_write::ALIGN;
 
@@ -333,6 +340,180 @@ fn durable_parallel(
     Ok(per_second)
 }
 
+/// Length of a registry symlink's target in [`store_with_registry`]: a hierarchical
+/// path of three 55-character UIDs, too long for ext4 to keep in the inode.
+const REGISTRY_TARGET_LEN: usize = 170;
+
+/// Instances per second, all writers together, of the filesystem work storescp does for
+/// each instance with fsync off, `writers` threads at once: an anonymous file
+/// (`O_TMPFILE`) with 4 KB written, a registry symlink in one of 256 folders, and a link
+/// of the file under its final name in the writer's own folder; nothing synced. With one
+/// writer, the filesystem's part of the tiny x1 round trip; with 4, what the two cores
+/// allow for tiny x4 before any byte is received.
+fn store_with_registry(
+    dir: &Path,
+    writers: usize,
+    count: usize,
+    cleanup: bool,
+) -> Result<f64, String> {
+    sync_all_disks();
+    let sub = fresh_dir(&dir.join(format!("ceiling-registry-x{writers}")))?;
+    for k in 0..256 {
+        let shard = sub.join(format!("sop/{k:02x}"));
+        fs::create_dir_all(&shard).map_err(|e| err("mkdir", &shard, e))?;
+    }
+    let per_writer = count.div_ceil(writers);
+    let buffer = vec![0x4Bu8; 4096];
+    let target = "1".repeat(REGISTRY_TARGET_LEN);
+    let store = |w: usize| -> Result<(), String> {
+        let series = sub.join(format!("series-{w}"));
+        fs::create_dir(&series).map_err(|e| err("mkdir", &series, e))?;
+        for i in 0..per_writer {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .open(&series)
+                .map_err(|e| err("open (O_TMPFILE)", &series, e))?;
+            file.write_all(&buffer)
+                .map_err(|e| err("write", &series, e))?;
+            let uid = format!("1.2.826.0.1.3680043.8.498.{w}.{i:0>28}");
+            let link = sub.join(format!("sop/{:02x}/{uid}", (w * per_writer + i) % 256));
+            std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
+            link_anonymous(&file, &series.join(format!("{uid}.dcm")))?;
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| scope.spawn(move || store(w)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
+    })?;
+    let per_second = (per_writer * writers) as f64 / started.elapsed().as_secs_f64();
+    if cleanup {
+        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
+    }
+    Ok(per_second)
+}
+
+/// Links the anonymous `file` at `target` through /proc/self/fd, as storescp does.
+fn link_anonymous(file: &File, target: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    let name = std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: both arguments are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::AT_FDCWD,
+            name.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(err("linkat", target, std::io::Error::last_os_error()))
+    }
+}
+
+/// Size of the request in [`loopback_round_trips`]: a tiny instance with its command.
+const TINY_REQUEST: usize = 3072;
+/// Size of the answer: a C-STORE-RSP in its P-DATA-TF.
+const TINY_ANSWER: usize = 100;
+
+/// How long storescp's lone association polls for the next request before it sleeps.
+const SPIN_FOR_NEXT_REQUEST: Duration = Duration::from_micros(50);
+
+/// Reads exactly `buf.len()` bytes, first polling without sleeping for up to `spin`.
+fn read_polling(stream: &mut TcpStream, buf: &mut [u8], spin: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + spin;
+    let mut got = 0;
+    while got < buf.len() && Instant::now() < deadline {
+        let free = &mut buf[got..];
+        // SAFETY: recv writes at most `free.len()` bytes into `free`, borrowed mutably for
+        // the call; the descriptor stays open (owned by `stream`).
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                free.as_mut_ptr().cast(),
+                free.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => return Err("recv: connection closed".into()),
+            n if n > 0 => got += n as usize,
+            _ => std::hint::spin_loop(),
+        }
+    }
+    stream
+        .read_exact(&mut buf[got..])
+        .map_err(|e| format!("recv: {e}"))
+}
+
+/// Exchanges per second over loopback TCP, all pairs together: each of `pairs` senders
+/// writes a 3 KB request and waits for a 100-byte answer from its own responder thread,
+/// `count` exchanges in all. The senders never poll; the responders poll for up to
+/// `spin` before they sleep, as storescp's lone association does (zero: never). With one
+/// pair, the network's part of the tiny x1 round trip.
+fn loopback_round_trips(pairs: usize, count: usize, spin: Duration) -> Result<f64, String> {
+    let per_pair = count.div_ceil(pairs);
+    let exchange = |_: usize| -> Result<(), String> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| format!("local_addr: {e}"))?;
+        let responder = std::thread::spawn(move || -> Result<(), String> {
+            let (mut stream, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("nodelay: {e}"))?;
+            let mut request = vec![0u8; TINY_REQUEST];
+            let answer = [0x02u8; TINY_ANSWER];
+            for _ in 0..per_pair {
+                read_polling(&mut stream, &mut request, spin)?;
+                stream
+                    .write_all(&answer)
+                    .map_err(|e| format!("send: {e}"))?;
+            }
+            Ok(())
+        });
+        let mut stream = TcpStream::connect(address).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("nodelay: {e}"))?;
+        let request = vec![0x04u8; TINY_REQUEST];
+        let mut answer = [0u8; TINY_ANSWER];
+        for _ in 0..per_pair {
+            stream
+                .write_all(&request)
+                .map_err(|e| format!("send: {e}"))?;
+            stream
+                .read_exact(&mut answer)
+                .map_err(|e| format!("recv: {e}"))?;
+        }
+        responder
+            .join()
+            .map_err(|_| "responder thread panicked".to_owned())?
+    };
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..pairs)
+            .map(|p| scope.spawn(move || exchange(p)))
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("sender panicked".into())))
+    })?;
+    Ok((per_pair * pairs) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Runs every measurement and prints them; returns Ok(true) when all ran.
 pub fn main(argv: &[String]) -> Result<bool, String> {
     let options = parse(argv)?;
@@ -352,8 +533,12 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), keep)?;
     let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), keep)?;
     let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), keep)?;
+    let registry_x1 = store_with_registry(&options.dir, 1, scaled(5000, s), keep)?;
+    let registry_x4 = store_with_registry(&options.dir, 4, scaled(5000, s), keep)?;
+    let round_trips_x1 = loopback_round_trips(1, scaled(20000, s), SPIN_FOR_NEXT_REQUEST)?;
+    let round_trips_x4 = loopback_round_trips(4, scaled(20000, s), Duration::ZERO)?;
     sync_all_disks();
-    let rows: [(&str, f64, &str); 15] = [
+    let rows: [(&str, f64, &str); 19] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
         (
             "page_cache_write_mb_s",
@@ -424,6 +609,26 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
             "durable_512k_x4_per_s",
             durable_512k_x4,
             "durable 512 KB files/s, 4 writers",
+        ),
+        (
+            "store_with_registry_x1_per_s",
+            registry_x1,
+            "4 KB O_TMPFILE + registry symlink + link, /s",
+        ),
+        (
+            "store_with_registry_x4_per_s",
+            registry_x4,
+            "the same, 4 writers, /s",
+        ),
+        (
+            "round_trips_x1_per_s",
+            round_trips_x1,
+            "loopback 3 KB request / 100 B answer, polled, /s",
+        ),
+        (
+            "round_trips_x4_per_s",
+            round_trips_x4,
+            "the same, 4 pairs, /s",
         ),
     ];
     if options.json {
