@@ -57,6 +57,7 @@ from hostile_support import (
     stored_files,
     transfer,
 )
+from index_support import registry_link
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 from storescp.index.layout import read_journal
@@ -325,6 +326,29 @@ def test_storage_dir_removed_while_running(server_factory: ServerFactory, tmp_pa
     server.storage.mkdir(exist_ok=True)
     guard.check(allowed=allowed)
     guard.check()
+
+
+def test_private_area_removed_between_messages_of_one_association(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """`rm -rf` + `mkdir` of the storage dir between two C-STOREs of one association
+    (whose next temporary file is opened as soon as the first is answered): the second
+    is stored too, under its final name and registered, and the area is whole again."""
+    server = server_factory()
+    first, second = new_uid("35"), new_uid("35")
+    with establish(server.port) as raw:
+        assert raw.c_store(1, CT, first, instance_bytes(first)).status == 0
+        shutil.rmtree(server.storage)
+        server.storage.mkdir()
+        data = instance_bytes(second)
+        rsp = raw.c_store(1, CT, second, data)
+        assert rsp.status == 0, f"C-STORE status {rsp.status:#06x}: {rsp.error_comment}"
+        raw.release()
+    (stored,) = stored_files(server.storage)
+    assert stored.name == f"{second}.dcm"
+    assert stored.read_bytes().endswith(data)
+    assert registry_link(server.storage, second).is_symlink()
+    assert (server.storage / ".storescp" / "tmp").is_dir()
 
 
 def test_private_area_removed_while_running_is_rebuilt_whole(

@@ -14,7 +14,9 @@ use crate::naming::{relative_path, validate_uid, Naming};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
 use crate::server::Shared;
 use crate::sniff::{DatasetSummary, Encoding, Sniffer};
-use crate::store::{local_date_today, Incoming, JournalLine, Outcome, Placed, FRAGMENTS_PER_WRITE};
+use crate::store::{
+    local_date_today, Incoming, JournalLine, Outcome, Placed, Spare, FRAGMENTS_PER_WRITE,
+};
 use crate::transport::{PduReader, ReadError, Waiting};
 
 /// Largest A-ASSOCIATE-RQ accepted (128 contexts with many transfer syntaxes fit).
@@ -81,6 +83,7 @@ pub fn run(shared: &Shared, stream: TcpStream, addr: SocketAddr, assoc_id: u64) 
         command: Vec::new(),
         command_context: None,
         inflight: None,
+        spare: None,
         out: Vec::new(),
     };
     let end = session.serve(&mut reader);
@@ -393,6 +396,8 @@ struct Session<'a> {
     command: Vec<u8>,
     command_context: Option<u8>,
     inflight: Option<InFlight<'a>>,
+    /// The temporary file of the next C-STORE, opened after the last one was answered.
+    spare: Option<Spare>,
     out: Vec<u8>,
 }
 
@@ -576,7 +581,8 @@ impl<'a> Session<'a> {
                 self.respond(context_id, &rsp)
             }
             command_field::C_STORE_RQ if command.has_data_set() => {
-                let receiving = self.begin_store(context_id, &command);
+                let spare = self.spare.take();
+                let receiving = self.begin_store(context_id, &command, spare);
                 self.inflight = Some(InFlight {
                     context_id,
                     command,
@@ -620,7 +626,14 @@ impl<'a> Session<'a> {
         self.respond(context_id, &rsp)
     }
 
-    fn begin_store(&self, context_id: u8, command: &Command) -> Receiving<'a> {
+    /// Receiving of a C-STORE's data set, into `spare` when there is one (a refused
+    /// request closes it).
+    fn begin_store(
+        &self,
+        context_id: u8,
+        command: &Command,
+        spare: Option<Spare>,
+    ) -> Receiving<'a> {
         let (abstract_syntax, transfer_syntax) = match self.context(context_id) {
             Some(c) => (c.abstract_syntax.as_str(), c.transfer_syntax.as_str()),
             None => ("", ""),
@@ -659,7 +672,11 @@ impl<'a> Session<'a> {
             transfer_syntax,
             &self.peer.calling_ae,
         );
-        match self.shared.store.begin(&header) {
+        let incoming = match spare {
+            Some(spare) => self.shared.store.begin_in(spare, &header),
+            None => self.shared.store.begin(&header),
+        };
+        match incoming {
             Ok(incoming) => Receiving::Store {
                 incoming: Some(incoming),
                 sniffer,
@@ -824,7 +841,12 @@ impl<'a> Session<'a> {
             code,
             (code != status::SUCCESS).then_some(comment.as_str()),
         );
-        self.respond(done.context_id, &rsp)
+        let sent = self.respond(done.context_id, &rsp);
+        if sent && self.spare.is_none() {
+            // A failure here shows again, with its status, when the next C-STORE begins.
+            self.spare = self.shared.store.spare().ok().flatten();
+        }
+        sent
     }
 
     /// Names the file, checks the data set against the command, and commits.

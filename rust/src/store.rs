@@ -467,6 +467,27 @@ impl Store {
         Ok(incoming)
     }
 
+    /// An anonymous temporary file opened ahead of the instance that will use it, or
+    /// None where the filesystem makes only named ones (those are opened when needed).
+    pub fn spare(&self) -> io::Result<Option<Spare>> {
+        if !self.anonymous_ok.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let incoming = self.begin(&[])?;
+        Ok(matches!(incoming.temp, TempName::Anonymous).then_some(Spare(incoming)))
+    }
+
+    /// Starts a new instance in `spare`, as [`Store::begin`] does, unless the private
+    /// area was removed since the spare was opened: `begin` then recreates it.
+    pub fn begin_in(&self, spare: Spare, header: &[u8]) -> io::Result<Incoming> {
+        if self.tmp_dir.symlink_metadata().is_err() {
+            return self.begin(header);
+        }
+        let mut incoming = spare.0;
+        incoming.header = header.to_vec();
+        Ok(incoming)
+    }
+
     /// An O_TMPFILE in our temporary directory or, once the filesystem said it cannot
     /// make one, a named file there.
     fn open_temporary(&self) -> io::Result<(File, TempName)> {
@@ -883,6 +904,10 @@ const DIRECT_FROM: u64 = 4 << 20;
 /// Most data set fragments one write takes: those of a 256 KB receive buffer full of
 /// 16 KB P-DATA-TF PDUs fit. Larger writes cost the page cache less per byte.
 pub const FRAGMENTS_PER_WRITE: usize = 32;
+
+/// An anonymous temporary file opened between messages, while the peer prepares its
+/// next request, so that opening it is not part of that request's round trip.
+pub struct Spare(Incoming);
 
 /// An instance being received: its temporary file, gone on drop unless placed.
 pub struct Incoming {
@@ -1306,6 +1331,25 @@ mod tests {
         let read = fs::read(root.join("1.1.dcm")).unwrap();
         assert_eq!(&read[..3], b"HDR");
         assert!(read[3..] == body[..], "stored bytes differ");
+        assert_eq!(tmp_files(&root), 0);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A spare opened ahead holds the next instance like a file begun then; an unused
+    /// one leaves nothing behind.
+    #[test]
+    fn spare_holds_the_next_instance() {
+        let root = tempdir("spare");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        // O_TMPFILE works on the filesystem of the tests.
+        let spare = s.spare().unwrap().unwrap();
+        drop(s.spare().unwrap());
+        let mut inc = s.begin_in(spare, b"HDR").unwrap();
+        inc.write(&[b"body"]).unwrap();
+        let placed = s.commit(inc, "1.1.dcm", "1.1", None).unwrap();
+        assert_eq!(placed.outcome, Outcome::Stored);
+        placed.make_durable().unwrap();
+        assert_eq!(fs::read(root.join("1.1.dcm")).unwrap(), b"HDRbody");
         assert_eq!(tmp_files(&root), 0);
         fs::remove_dir_all(root).unwrap();
     }
