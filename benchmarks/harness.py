@@ -790,6 +790,8 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         "durable_512k_x4_per_s": "durable 512 KB files/s, 4 writers",
         "store_with_registry_x1_per_s": "4 KB O_TMPFILE + symlink + link/s, 1 writer",
         "store_with_registry_x4_per_s": "4 KB O_TMPFILE + symlink + link/s, 4 writers",
+        "store_without_registry_x1_per_s": "the same without the symlink/s, 1 writer",
+        "store_without_registry_x4_per_s": "the same without the symlink/s, 4 writers",
         "round_trips_x1_per_s": "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
         "round_trips_x4_per_s": "loopback 3 KB request + 100 B answer/s, 4 pairs",
     }

@@ -11,7 +11,8 @@
 //! - the same durable-store sequence from 4 threads at once, for 4 KB and 512 KB files
 //!   (what per-file durability allows with 4 associations);
 //! - storescp's own filesystem work per tiny instance with fsync off (an anonymous file,
-//!   its registry symlink, its link), from 1 and 4 threads;
+//!   its registry symlink, its link), from 1 and 4 threads, and the same without the
+//!   registry symlink (what the duplicate registry costs);
 //! - loopback exchanges of a 3 KB request and a 100-byte answer, one at a time, from 1
 //!   pair of threads (the responder polling for the next request, as storescp's lone
 //!   association does) and from 4 (nobody polling): the network's part of a tiny
@@ -346,18 +347,20 @@ const REGISTRY_TARGET_LEN: usize = 170;
 
 /// Instances per second, all writers together, of the filesystem work storescp does for
 /// each instance with fsync off, `writers` threads at once: an anonymous file
-/// (`O_TMPFILE`) with 4 KB written, a registry symlink in one of 256 folders, and a link
-/// of the file under its final name in the writer's own folder; nothing synced. With one
-/// writer, the filesystem's part of the tiny x1 round trip; with 4, what the two cores
-/// allow for tiny x4 before any byte is received.
+/// (`O_TMPFILE`) with 4 KB written, a registry symlink in one of 256 folders (unless
+/// `registry` is false: what the duplicate registry costs), and a link of the file under
+/// its final name in the writer's own folder; nothing synced. With one writer, the
+/// filesystem's part of the tiny x1 round trip; with 4, what the two cores allow for
+/// tiny x4 before any byte is received.
 fn store_with_registry(
     dir: &Path,
     writers: usize,
+    registry: bool,
     count: usize,
     cleanup: bool,
 ) -> Result<f64, String> {
     sync_all_disks();
-    let sub = fresh_dir(&dir.join(format!("ceiling-registry-x{writers}")))?;
+    let sub = fresh_dir(&dir.join(format!("ceiling-registry-{registry}-x{writers}")))?;
     for k in 0..256 {
         let shard = sub.join(format!("sop/{k:02x}"));
         fs::create_dir_all(&shard).map_err(|e| err("mkdir", &shard, e))?;
@@ -377,8 +380,10 @@ fn store_with_registry(
             file.write_all(&buffer)
                 .map_err(|e| err("write", &series, e))?;
             let uid = format!("1.2.826.0.1.3680043.8.498.{w}.{i:0>28}");
-            let link = sub.join(format!("sop/{:02x}/{uid}", (w * per_writer + i) % 256));
-            std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
+            if registry {
+                let link = sub.join(format!("sop/{:02x}/{uid}", (w * per_writer + i) % 256));
+                std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
+            }
             link_anonymous(&file, &series.join(format!("{uid}.dcm")))?;
         }
         Ok(())
@@ -533,12 +538,14 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), keep)?;
     let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), keep)?;
     let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), keep)?;
-    let registry_x1 = store_with_registry(&options.dir, 1, scaled(5000, s), keep)?;
-    let registry_x4 = store_with_registry(&options.dir, 4, scaled(5000, s), keep)?;
+    let registry_x1 = store_with_registry(&options.dir, 1, true, scaled(5000, s), keep)?;
+    let registry_x4 = store_with_registry(&options.dir, 4, true, scaled(5000, s), keep)?;
+    let bare_x1 = store_with_registry(&options.dir, 1, false, scaled(5000, s), keep)?;
+    let bare_x4 = store_with_registry(&options.dir, 4, false, scaled(5000, s), keep)?;
     let round_trips_x1 = loopback_round_trips(1, scaled(20000, s), SPIN_FOR_NEXT_REQUEST)?;
     let round_trips_x4 = loopback_round_trips(4, scaled(20000, s), Duration::ZERO)?;
     sync_all_disks();
-    let rows: [(&str, f64, &str); 19] = [
+    let rows: [(&str, f64, &str); 21] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
         (
             "page_cache_write_mb_s",
@@ -618,6 +625,16 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
         (
             "store_with_registry_x4_per_s",
             registry_x4,
+            "the same, 4 writers, /s",
+        ),
+        (
+            "store_without_registry_x1_per_s",
+            bare_x1,
+            "the same without the registry symlink, /s",
+        ),
+        (
+            "store_without_registry_x4_per_s",
+            bare_x4,
             "the same, 4 writers, /s",
         ),
         (
