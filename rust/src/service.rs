@@ -753,16 +753,16 @@ impl<'a> Session<'a> {
 
     /// Writes the fragments held back to the instance being received.
     fn write_fragments(&mut self, fragments: &mut Fragments<'_>) {
-        if let Some(InFlight {
-            receiving: Receiving::Store {
-                incoming, failure, ..
-            },
-            ..
-        }) = self.inflight.as_mut()
-        {
-            fragments.write_to(incoming, failure);
+        match self.inflight.as_mut() {
+            Some(InFlight {
+                receiving:
+                    Receiving::Store {
+                        incoming, failure, ..
+                    },
+                ..
+            }) => fragments.write_to(incoming, failure),
+            _ => fragments.clear(),
         }
-        fragments.clear();
     }
 
     /// The whole data set has arrived: decide, commit, answer.

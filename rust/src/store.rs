@@ -1047,7 +1047,7 @@ fn write_all_vectored(file: &mut File, mut slices: &mut [io::IoSlice<'_>]) -> io
 
 /// Links an O_TMPFILE into the directory tree under `target` (fails if it exists).
 /// Through /proc/self/fd so that no CAP_DAC_READ_SEARCH is needed (linkat(2)).
-fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
+pub fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
     let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let target = CString::new(target.as_os_str().as_bytes())?;
     // SAFETY: both pointers are NUL-terminated strings that outlive the call.

@@ -39,6 +39,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use _core::direct_write::ALIGN;
+use _core::store::link_anonymous;
 
 const MIB: usize = 1 << 20;
 
@@ -183,6 +184,35 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<File, String> {
     Ok(file)
 }
 
+/// Runs `work(k)` for every k in 0..threads, each on a thread of its own, all at once;
+/// the first error, or a panic, is returned once every thread has ended.
+fn on_threads<F>(threads: usize, work: F) -> Result<(), String>
+where
+    F: Fn(usize) -> Result<(), String> + Sync,
+{
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = (0..threads).map(|k| scope.spawn(move || work(k))).collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+    })
+}
+
+/// `done` operations per second since `started`; then `sub` is removed if `cleanup`.
+fn per_second_then_cleanup(
+    done: usize,
+    started: Instant,
+    sub: &Path,
+    cleanup: bool,
+) -> Result<f64, String> {
+    let per_second = done as f64 / started.elapsed().as_secs_f64();
+    if cleanup {
+        fs::remove_dir_all(sub).map_err(|e| err("remove", sub, e))?;
+    }
+    Ok(per_second)
+}
+
 /// MB/s of 1 MiB `O_DIRECT` writes to a new file, two in flight (a thread each, taking
 /// alternate chunks), then one fdatasync, timed together: what the device takes with the
 /// page cache out of the way, the path storescp uses for large instances with fsync on.
@@ -203,21 +233,11 @@ fn direct_write(dir: &Path, total: usize) -> Result<f64, String> {
         .ok_or("cannot align a direct I/O buffer")?;
     let chunks = total / MIB;
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..2)
-            .map(|first| {
-                let (file, path) = (&file, &path);
-                scope.spawn(move || {
-                    (first..chunks).step_by(2).try_for_each(|k| {
-                        file.write_all_at(chunk, (k * MIB) as u64)
-                            .map_err(|e| err("write (O_DIRECT)", path, e))
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
+    on_threads(2, |first| {
+        (first..chunks).step_by(2).try_for_each(|k| {
+            file.write_all_at(chunk, (k * MIB) as u64)
+                .map_err(|e| err("write (O_DIRECT)", &path, e))
+        })
     })?;
     file.sync_data().map_err(|e| err("fdatasync", &path, e))?;
     let seconds = started.elapsed().as_secs_f64();
@@ -238,11 +258,7 @@ fn create_rename(dir: &Path, size: usize, count: usize, cleanup: bool) -> Result
         let target = sub.join(format!("file-{i}.dcm"));
         fs::rename(&tmp, &target).map_err(|e| err("rename", &tmp, e))?;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    if cleanup {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    Ok(count as f64 / seconds)
+    per_second_then_cleanup(count, started, &sub, cleanup)
 }
 
 /// Median and 90th percentile of (file fsync, directory fsync, whole durable store) in
@@ -326,19 +342,8 @@ fn durable_parallel(
         Ok(())
     };
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..writers)
-            .map(|w| scope.spawn(move || store(w)))
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
-    })?;
-    let per_second = (per_writer * writers) as f64 / started.elapsed().as_secs_f64();
-    if cleanup {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    Ok(per_second)
+    on_threads(writers, store)?;
+    per_second_then_cleanup(per_writer * writers, started, &sub, cleanup)
 }
 
 /// Length of a registry symlink's target in [`store_with_registry`]: a hierarchical
@@ -384,47 +389,14 @@ fn store_with_registry(
                 let link = sub.join(format!("sop/{:02x}/{uid}", (w * per_writer + i) % 256));
                 std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
             }
-            link_anonymous(&file, &series.join(format!("{uid}.dcm")))?;
+            let name = series.join(format!("{uid}.dcm"));
+            link_anonymous(&file, &name).map_err(|e| err("linkat", &name, e))?;
         }
         Ok(())
     };
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..writers)
-            .map(|w| scope.spawn(move || store(w)))
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("writer panicked".into())))
-    })?;
-    let per_second = (per_writer * writers) as f64 / started.elapsed().as_secs_f64();
-    if cleanup {
-        fs::remove_dir_all(&sub).map_err(|e| err("remove", &sub, e))?;
-    }
-    Ok(per_second)
-}
-
-/// Links the anonymous `file` at `target` through /proc/self/fd, as storescp does.
-fn link_anonymous(file: &File, target: &Path) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let source = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(|e| e.to_string())?;
-    let name = std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: both arguments are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            source.as_ptr(),
-            libc::AT_FDCWD,
-            name.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(err("linkat", target, std::io::Error::last_os_error()))
-    }
+    on_threads(writers, store)?;
+    per_second_then_cleanup(per_writer * writers, started, &sub, cleanup)
 }
 
 /// Size of the request in [`loopback_round_trips`]: a tiny instance with its command.
@@ -508,14 +480,7 @@ fn loopback_round_trips(pairs: usize, count: usize, spin: Duration) -> Result<f6
             .map_err(|_| "responder thread panicked".to_owned())?
     };
     let started = Instant::now();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..pairs)
-            .map(|p| scope.spawn(move || exchange(p)))
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|_| Err("sender panicked".into())))
-    })?;
+    on_threads(pairs, exchange)?;
     Ok((per_pair * pairs) as f64 / started.elapsed().as_secs_f64())
 }
 
