@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 import struct
 import subprocess
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ import pydicom.config
 import pytest
 from conftest import (
     DCMDUMP,
+    STORESCU,
     RunningServer,
     data_set_bytes,
     echoscu,
@@ -274,6 +277,64 @@ def test_storescu_scans_a_directory_tree(server: RunningServer, tmp_path: Path) 
             sop_instance_uid=ds.SOPInstanceUID,
             calling_ae="STORESCU",
         )
+
+
+# A sender without TCP_NODELAY holds back each write until the one before is acknowledged;
+# a delayed ACK (40 ms at least on Linux) once per message would make these 60 take 2.4 s.
+NAGLE_MESSAGES = 60
+NAGLE_BOUND_S = NAGLE_MESSAGES * 0.040 / 2
+
+
+def nagle_sources(tmp_path: Path) -> list[tuple[Path, Dataset]]:
+    sources = []
+    for i in range(NAGLE_MESSAGES):
+        ds = make_dataset(f"{ROOT}.21.{i}", pixel_bytes=2048)
+        sources.append((write_part10(ds, tmp_path / "in" / f"n{i:02}.dcm"), ds))
+    return sources
+
+
+def test_storescu_with_nagle_on_is_not_held_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """dcmtk's storescu as Debian builds it leaves Nagle's algorithm on unless TCP_NODELAY
+    is in its environment, and writes each PDV in two writes (header, then value). The
+    server acknowledges the pieces of a message at once, so the next write is not held
+    back for a delayed ACK."""
+    server = server_factory(["--no-fsync"])
+    sources = nagle_sources(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    started = time.monotonic()
+    result = subprocess.run(
+        [STORESCU, "-xe", "127.0.0.1", str(server.port), *(str(p) for p, _ in sources)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert sorted(server.files()) == sorted(hierarchical_path(server, ds) for _, ds in sources)
+    assert elapsed < NAGLE_BOUND_S, f"{NAGLE_MESSAGES} instances took {elapsed:.2f} s"
+
+
+def test_raw_sender_writing_each_pdu_apart_is_not_held_back(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A sender with Nagle's algorithm on that sends the command PDU and the data set PDU
+    in separate writes, as many do, is not held back a delayed ACK per message."""
+    server = server_factory(["--no-fsync"])
+    sources = nagle_sources(tmp_path)
+    with RawAssociation.connect(server.port) as raw:
+        assert not raw.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        raw.associate("STORESCP", "NAGLE", [Context(1, CTImageStorage, [ExplicitVRLittleEndian])])
+        started = time.monotonic()
+        for path, ds in sources:
+            rsp = raw.c_store(1, CTImageStorage, ds.SOPInstanceUID, data_set_bytes(path))
+            assert rsp.status == 0
+        elapsed = time.monotonic() - started
+        raw.release()
+    assert sorted(server.files()) == sorted(hierarchical_path(server, ds) for _, ds in sources)
+    assert elapsed < NAGLE_BOUND_S, f"{NAGLE_MESSAGES} instances took {elapsed:.2f} s"
 
 
 @pytest.fixture(scope="session")

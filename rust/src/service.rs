@@ -436,6 +436,7 @@ impl<'a> Session<'a> {
             } else {
                 Duration::ZERO
             };
+            reader.mid_message = busy;
             let shared = self.shared;
             let idle_timeout = shared.settings.idle_timeout;
             let mut wait = |w: Waiting| {

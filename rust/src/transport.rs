@@ -77,6 +77,9 @@ pub struct PduReader {
     last_consulted: Instant,
     /// How long to poll without sleeping before a read blocks (0: never).
     pub spin: Duration,
+    /// The caller is in the middle of a message: what arrived so far is acknowledged
+    /// before waiting for the rest (see [`PduReader::acknowledge_now`]).
+    pub mid_message: bool,
 }
 
 impl PduReader {
@@ -92,6 +95,7 @@ impl PduReader {
             last_activity: Instant::now(),
             last_consulted: Instant::now(),
             spin: Duration::ZERO,
+            mid_message: false,
         }
     }
 
@@ -211,6 +215,10 @@ impl PduReader {
 
     /// Reads what is available into the free space, waking every poll interval.
     fn fill(&mut self, wait: &mut dyn FnMut(Waiting) -> Option<String>) -> Result<(), ReadError> {
+        // Bytes of a PDU are buffered (fill is only called while the first is partial).
+        if self.mid_message || self.end > self.start {
+            self.acknowledge_now();
+        }
         if !self.spin.is_zero() && self.poll_briefly() {
             return Ok(());
         }
@@ -282,6 +290,28 @@ impl PduReader {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Acknowledges what has arrived now instead of after the delayed-ACK timeout. A
+    /// peer without TCP_NODELAY that writes a message in pieces (the command PDU, then
+    /// the data set's, or a PDU's header, then its body) holds each piece back (Nagle's
+    /// algorithm) until the one before is acknowledged; since our responses make the
+    /// connection look interactive to the kernel, it would delay that ACK by 40 ms or
+    /// more, once per message. TCP_QUICKACK sends a pending ACK at once.
+    fn acknowledge_now(&self) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`, which lives
+        // through the call; the descriptor stays open (owned by stream). A failure only
+        // leaves the ACK delayed.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 
     fn consult(
