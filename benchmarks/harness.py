@@ -513,7 +513,7 @@ def run_once(
     corpus: Corpus,
     loadgen: Path,
     workdir: Path,
-    max_pdu: int,
+    sender_args: list[str],
     keep: bool,
 ) -> RunResult:
     result = RunResult(scenario.name, spec.name, run, ok=False)
@@ -554,8 +554,7 @@ def run_once(
                     str(scenario.associations),
                     "--files",
                     str(corpus.path),
-                    "--max-pdu",
-                    str(max_pdu),
+                    *sender_args,
                     "--json",
                 ],
                 capture_output=True,
@@ -857,6 +856,11 @@ def _main(argv: list[str] | None = None) -> int:
         "--syntax", default="mixed", choices=("explicit", "implicit", "rle", "mixed")
     )
     parser.add_argument("--max-pdu", type=int, default=16384, help="loadgen --max-pdu")
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="loadgen --nagle: Nagle's algorithm on, each PDU written in pieces (as storescu)",
+    )
     parser.add_argument("--corpus-dir", default=str(HERE / "corpus"))
     parser.add_argument("--out-dir", default=str(HERE / "out"), help="storage dirs (real disk)")
     parser.add_argument("--loadgen", help="path of storescp-loadgen (default: build it)")
@@ -906,13 +910,14 @@ def _main(argv: list[str] | None = None) -> int:
     if not args.no_wait:
         wait_after_cleanup(Path(args.out_dir))
 
+    sender_args = ["--max-pdu", str(args.max_pdu), *(["--nagle"] if args.nagle else [])]
     results: list[RunResult] = []
     started = time.monotonic()
     for s in scenarios:
         corpus = corpora[f"{s.kind}-{max(1, round(s.base_count * args.scale))}"]
         for run in range(args.runs):
             for spec in servers:
-                r = run_once(s, spec, run, corpus, loadgen, workdir, args.max_pdu, args.keep)
+                r = run_once(s, spec, run, corpus, loadgen, workdir, sender_args, args.keep)
                 results.append(r)
                 status = "ok" if r.ok else f"FAILED: {r.error}"
                 log(
@@ -926,7 +931,7 @@ def _main(argv: list[str] | None = None) -> int:
     report = markdown(summary, scenarios, servers, skipped)
     header = (
         f"runs={args.runs} scale={args.scale} syntax={args.syntax} max_pdu={args.max_pdu} "
-        f"elapsed={time.monotonic() - started:.0f}s"
+        f"nagle={args.nagle} elapsed={time.monotonic() - started:.0f}s"
     )
     print(header + "\n\n" + report)
     if args.markdown:

@@ -41,6 +41,9 @@ options:
   --max-pdu N            largest P-DATA-TF body sent, further capped by the acceptor's
                          maximum; 0 = as large as the acceptor allows (default 16384)
   --timeout S            seconds to wait for any response (default 120)
+  --nagle                leave Nagle's algorithm on (no TCP_NODELAY) and write each PDU in
+                         pieces, as dcmtk's storescu does: the command PDU, then each data
+                         set fragment as its 12 header bytes and then its value
   --json                 print one JSON object instead of a line of text
 ";
 
@@ -56,6 +59,7 @@ struct Args {
     repeat: usize,
     max_pdu: u32,
     timeout: Duration,
+    nagle: bool,
     json: bool,
 }
 
@@ -79,6 +83,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         repeat: 1,
         max_pdu: 16384,
         timeout: Duration::from_secs(120),
+        nagle: false,
         json: false,
     };
     let mut it = argv.iter();
@@ -99,6 +104,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 }
                 args.timeout = Duration::from_secs_f64(secs);
             }
+            "--nagle" => args.nagle = true,
             "--json" => args.json = true,
             other => return Err(format!("unknown argument: {other}")),
         }
@@ -192,6 +198,7 @@ fn run(args: &Args) -> Result<bool, String> {
         max_pdu: args.max_pdu,
         contexts,
         timeout: args.timeout,
+        nagle: args.nagle,
     };
 
     // Deal the instances round-robin, repeat each share, pre-encode the command PDUs.
@@ -286,7 +293,7 @@ fn run(args: &Args) -> Result<bool, String> {
              \"seconds\": {seconds:.6}, \"images_per_s\": {images_per_s:.3}, \
              \"mb_per_s\": {mb_per_s:.3}, \"latency_ms\": {{\"p50\": {p50:.3}, \
              \"p99\": {p99:.3}, \"max\": {max:.3}}}, \"max_pdu\": {}, \
-             \"load_seconds\": {load_seconds:.3}, \"failure_examples\": [{}], \
+             \"nagle\": {}, \"load_seconds\": {load_seconds:.3}, \"failure_examples\": [{}], \
              \"errors\": [{}]}}",
             args.associations,
             instances.len(),
@@ -297,6 +304,7 @@ fn run(args: &Args) -> Result<bool, String> {
             total.dataset_bytes,
             total.wire_bytes,
             args.max_pdu,
+            args.nagle,
             failures.join(", "),
             errors_json.join(", "),
         );

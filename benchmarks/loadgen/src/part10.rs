@@ -249,7 +249,7 @@ fn walk_dir(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn element(out: &mut Vec<u8>, element: u16, vr: &[u8; 2], value: &[u8]) {
@@ -265,7 +265,8 @@ mod tests {
         out.extend_from_slice(value);
     }
 
-    fn sample() -> Vec<u8> {
+    /// A Part 10 file of a CT whose data set is 4 bytes.
+    pub(crate) fn sample() -> Vec<u8> {
         let mut file = vec![0u8; 128];
         file.extend_from_slice(b"DICM");
         element(&mut file, 0x0000, b"UL", &60u32.to_le_bytes());

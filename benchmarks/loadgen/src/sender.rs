@@ -88,6 +88,8 @@ pub struct Params {
     pub contexts: Vec<Context>,
     /// Socket read timeout.
     pub timeout: Duration,
+    /// Nagle's algorithm left on and every PDU written in pieces (see `send_in_pieces`).
+    pub nagle: bool,
 }
 
 /// Encodes the P-DATA-TF PDU header and PDV item header for one fragment of `len` bytes
@@ -247,6 +249,42 @@ fn send_message(
     Ok(written)
 }
 
+/// Sends one message as dcmtk's storescu writes it: every P-DATA-TF, of the command and
+/// of the data set, as its 12 header bytes (PDU and PDV item headers) and then the PDV's
+/// value, with a write each. With Nagle's algorithm on, the kernel holds each piece back
+/// until the one before is acknowledged.
+fn send_in_pieces(
+    stream: &mut TcpStream,
+    message: &Message<'_>,
+    capacity: usize,
+) -> io::Result<u64> {
+    let mut commands = message.command_pdus.as_slice();
+    while commands.len() > PDATA_HEADER_LEN {
+        // PS3.8 9.3.1: bytes 3-6 of the header are the PDU-length.
+        let length = u32::from_be_bytes([commands[2], commands[3], commands[4], commands[5]]);
+        let (pdu, rest) = commands.split_at((6 + length as usize).min(commands.len()));
+        stream.write_all(&pdu[..PDATA_HEADER_LEN])?;
+        stream.write_all(&pdu[PDATA_HEADER_LEN..])?;
+        commands = rest;
+    }
+    let dataset = message.instance.dataset();
+    let count = dataset.len().div_ceil(capacity).max(1);
+    let empty = dataset.is_empty().then_some(&[][..]);
+    let mut written = message.command_pdus.len() as u64;
+    for (i, chunk) in dataset.chunks(capacity).chain(empty).enumerate() {
+        let header = pdata_header(
+            message.context_id,
+            false,
+            i + 1 == count,
+            chunk.len() as u32,
+        );
+        stream.write_all(&header)?;
+        stream.write_all(chunk)?;
+        written += (PDATA_HEADER_LEN + chunk.len()) as u64;
+    }
+    Ok(written)
+}
+
 /// Reads PDUs until one complete command set has arrived; returns its bytes.
 fn read_response(
     reader: &mut impl Read,
@@ -287,7 +325,7 @@ fn run_inner(
 ) -> Result<(), String> {
     let mut stream = TcpStream::connect(&params.address).map_err(|e| io_err(&params.address, e))?;
     stream
-        .set_nodelay(true)
+        .set_nodelay(!params.nagle)
         .map_err(|e| io_err("TCP_NODELAY", e))?;
     stream
         .set_read_timeout(Some(params.timeout))
@@ -357,8 +395,12 @@ fn run_inner(
             );
         }
         let started = Instant::now();
-        let written = send_message(&mut stream, message, capacity, &mut headers)
-            .map_err(|e| io_err("sending C-STORE-RQ", e))?;
+        let sent = if params.nagle {
+            send_in_pieces(&mut stream, message, capacity)
+        } else {
+            send_message(&mut stream, message, capacity, &mut headers)
+        };
+        let written = sent.map_err(|e| io_err("sending C-STORE-RQ", e))?;
         outcome.wire_bytes += written;
         read_response(&mut reader, &mut body, &mut command)?;
         let elapsed = started.elapsed().as_micros();
@@ -413,6 +455,44 @@ mod tests {
             ours.extend_from_slice(&data);
             assert_eq!(core, ours);
         }
+    }
+
+    /// Written in pieces or in one go, a message is the same bytes on the wire.
+    #[test]
+    #[allow(clippy::expect_used)]
+    fn pieces_are_the_same_bytes() {
+        let mut file = crate::part10::tests::sample();
+        file.extend(std::iter::repeat_n(0x5A, 40_000));
+        let instance =
+            crate::part10::instance_from_bytes("sample.dcm".into(), file).expect("a Part 10 file");
+        let message = Message {
+            instance: &instance,
+            context_id: 3,
+            message_id: 7,
+            command_pdus: encode_command(&instance, 3, 7, 16384),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut sender =
+            TcpStream::connect(listener.local_addr().expect("address")).expect("connect");
+        let (mut receiver, _) = listener.accept().expect("accept");
+        let capacity = fragment_capacity(16384);
+        let mut received = Vec::new();
+        for in_pieces in [false, true] {
+            let written = if in_pieces {
+                send_in_pieces(&mut sender, &message, capacity)
+            } else {
+                send_message(&mut sender, &message, capacity, &mut Vec::new())
+            };
+            let mut bytes = vec![0; written.expect("sent") as usize];
+            receiver.read_exact(&mut bytes).expect("received");
+            received.push(bytes);
+        }
+        assert_eq!(received[0], received[1]);
+        // The command PDU and three data set fragments, the last one flagged last.
+        assert_eq!(
+            received[0].len(),
+            message.command_pdus.len() + 3 * 12 + 40_004
+        );
     }
 
     #[test]
