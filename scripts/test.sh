@@ -32,5 +32,8 @@ echo "== python: ruff, mypy"
 "$VENV/bin/ruff" format --check python tests benchmarks
 "$VENV/bin/mypy" --strict python/storescp
 
+echo "== micro benchmarks, each case run once to check its result"
+"$PY" -m pytest -q -p no:cacheprovider benchmarks/test_micro.py --benchmark-disable
+
 echo "== pytest"
 "$PY" -m pytest -q -p no:cacheprovider "$@"

@@ -115,3 +115,22 @@ def relative_path(
 
 def sweep_temporaries(storage_dir: str) -> int:
     """Remove temporary files of dead processes under storage_dir; returns how many."""
+
+# The per-instance hot paths on bytes, for the micro benchmarks (benchmarks/test_micro.py).
+
+def frame_pdus(stream: bytes, max_pdu: int) -> int:
+    """Frame every PDU of stream as an association's reader does; returns how many.
+    Raises ValueError for an invalid header or a truncated last PDU."""
+
+def split_p_data(stream: bytes) -> tuple[bytes, int, int]:
+    """Walk the PDV items of every P-DATA-TF of stream: (command set, data set fragments,
+    data set bytes). Raises ValueError for malformed items."""
+
+def sniff_data_set(data_set: bytes, transfer_syntax: str, fragment: int) -> list[tuple[str, str]]:
+    """The attributes an association finds in data_set, fed fragment bytes at a time, as
+    (keyword, value). Raises ValueError when it cannot be parsed up to them."""
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str
+) -> bytes:
+    """The preamble, "DICM" and group 0002 written in front of a stored data set."""

@@ -28,14 +28,17 @@ mod python {
 
     use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
-    use pyo3::types::PyDict;
+    use pyo3::types::{PyBytes, PyDict};
 
     use crate::association::{AcceptPolicy, AllowedCaller};
     use crate::events;
-    use crate::meta::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+    use crate::meta::{self, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
     use crate::naming::{self, Naming};
+    use crate::pdu;
     use crate::server::{self, Settings};
+    use crate::sniff::{Encoding, SniffError, Sniffer};
     use crate::store::{self, DuplicatePolicy, StoreConfig};
+    use crate::transport;
 
     /// Receive maximum allowed for `max_pdu` (PS3.8 D.1 allows up to 2^32-1; we bound
     /// it so one association's buffer stays small).
@@ -348,6 +351,116 @@ mod python {
             .map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
+    // The per-instance hot paths, callable on bytes for the micro benchmarks
+    // (benchmarks/test_micro.py): each runs the code an association runs.
+
+    /// Frames every PDU of `stream` as an association's reader does, each header checked
+    /// against `max_pdu`; returns how many. Raises ValueError for an invalid header or
+    /// a truncated last PDU.
+    #[pyfunction]
+    fn frame_pdus(stream: &[u8], max_pdu: usize) -> PyResult<usize> {
+        let limit = |_: u8| Some(max_pdu);
+        let (mut at, mut count) = (0, 0);
+        while at < stream.len() {
+            match transport::frame(&stream[at..], &limit) {
+                Ok(transport::Framed::Whole(total)) => at += total,
+                Ok(transport::Framed::Partial(needed)) => {
+                    return Err(PyValueError::new_err(format!(
+                        "truncated PDU at {at}: {needed} bytes needed"
+                    )))
+                }
+                Err(e) => return Err(PyValueError::new_err(format!("{e:?}"))),
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Walks the PDV items of every P-DATA-TF of `stream` as an association does: the
+    /// command fragments are joined, the data set fragments kept as slices of the PDUs
+    /// (not copied). Returns (command set, data set fragments, data set bytes).
+    #[pyfunction]
+    fn split_p_data<'py>(
+        py: Python<'py>,
+        stream: &[u8],
+    ) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+        let invalid = |e: pdu::PduError| PyValueError::new_err(e.to_string());
+        let mut command = Vec::new();
+        let mut fragments: Vec<&[u8]> = Vec::new();
+        let mut rest = stream;
+        while let Some(header) = rest.first_chunk::<{ pdu::PDU_HEADER_LEN }>() {
+            let (_, length) = pdu::parse_pdu_header(header).map_err(invalid)?;
+            let end = pdu::PDU_HEADER_LEN + length as usize;
+            let body = rest
+                .get(pdu::PDU_HEADER_LEN..end)
+                .ok_or_else(|| PyValueError::new_err("truncated PDU"))?;
+            for pdv in pdu::pdvs(body) {
+                let pdv = pdv.map_err(invalid)?;
+                if pdv.is_command {
+                    command.extend_from_slice(pdv.data);
+                } else {
+                    fragments.push(pdv.data);
+                }
+            }
+            rest = &rest[end..];
+        }
+        let bytes = fragments.iter().map(|f| f.len()).sum();
+        Ok((PyBytes::new(py, &command), fragments.len(), bytes))
+    }
+
+    /// Sniffs `data_set` (in `transfer_syntax`) as an association does while it arrives,
+    /// fed `fragment` bytes at a time; returns the attributes found, by keyword. Raises
+    /// ValueError when the data set cannot be parsed up to them.
+    #[pyfunction]
+    fn sniff_data_set(
+        data_set: &[u8],
+        transfer_syntax: &str,
+        fragment: usize,
+    ) -> PyResult<Vec<(&'static str, String)>> {
+        let mut sniffer = Sniffer::new(Encoding::for_transfer_syntax(transfer_syntax));
+        let invalid = |e: SniffError| PyValueError::new_err(e.to_string());
+        for chunk in data_set.chunks(fragment.max(1)) {
+            sniffer.feed(chunk).map_err(invalid)?;
+            if sniffer.is_done() {
+                break;
+            }
+        }
+        let summary = sniffer.finish().map_err(invalid)?;
+        let found = [
+            ("SOPClassUID", summary.sop_class_uid),
+            ("SOPInstanceUID", summary.sop_instance_uid),
+            ("StudyDate", summary.study_date),
+            ("Modality", summary.modality),
+            ("PatientName", summary.patient_name),
+            ("PatientID", summary.patient_id),
+            ("StudyInstanceUID", summary.study_instance_uid),
+            ("SeriesInstanceUID", summary.series_instance_uid),
+        ];
+        Ok(found
+            .into_iter()
+            .filter_map(|(keyword, value)| Some((keyword, value?)))
+            .collect())
+    }
+
+    /// The file meta information (preamble, "DICM", group 0002) written in front of a
+    /// stored data set.
+    #[pyfunction]
+    fn encode_file_meta<'py>(
+        py: Python<'py>,
+        sop_class_uid: &str,
+        sop_instance_uid: &str,
+        transfer_syntax_uid: &str,
+        source_ae: &str,
+    ) -> Bound<'py, PyBytes> {
+        let header = meta::encode_file_meta(
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax_uid,
+            source_ae,
+        );
+        PyBytes::new(py, &header)
+    }
+
     #[pymodule]
     fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("IMPLEMENTATION_CLASS_UID", IMPLEMENTATION_CLASS_UID)?;
@@ -358,6 +471,10 @@ mod python {
         m.add_class::<Server>()?;
         m.add_function(wrap_pyfunction!(relative_path, m)?)?;
         m.add_function(wrap_pyfunction!(sweep_temporaries, m)?)?;
+        m.add_function(wrap_pyfunction!(frame_pdus, m)?)?;
+        m.add_function(wrap_pyfunction!(split_p_data, m)?)?;
+        m.add_function(wrap_pyfunction!(sniff_data_set, m)?)?;
+        m.add_function(wrap_pyfunction!(encode_file_meta, m)?)?;
         Ok(())
     }
 }

@@ -35,8 +35,9 @@ pub struct Waiting {
     pub mid_pdu: bool,
 }
 
-/// The PDU at some offset of the buffer.
-enum Framed {
+/// The PDU at the start of some bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed {
     /// Whole, of this length (header included).
     Whole(usize),
     /// Not all there: this many bytes from its start are needed (first the header).
@@ -161,39 +162,13 @@ impl PduReader {
         }
     }
 
-    /// Frames the PDU buffered at `at`: its header is checked against `limit` as soon
-    /// as it is there.
+    /// Frames the PDU buffered at `at` (see [`frame`]).
     fn frame_at(
         &self,
         at: usize,
         limit: &dyn Fn(u8) -> Option<usize>,
     ) -> Result<Framed, ReadError> {
-        let available = self.end - at;
-        if available < PDU_HEADER_LEN {
-            return Ok(Framed::Partial(PDU_HEADER_LEN));
-        }
-        let mut header = [0u8; PDU_HEADER_LEN];
-        header.copy_from_slice(&self.buf[at..at + PDU_HEADER_LEN]);
-        let (pdu_type, length) = parse_pdu_header(&header).map_err(protocol)?;
-        let length = length as usize;
-        let max = limit(pdu_type).ok_or_else(|| ReadError::Protocol {
-            reason: abort::UNEXPECTED_PDU,
-            message: format!("unexpected PDU type 0x{pdu_type:02X} in this state"),
-        })?;
-        if length > max {
-            return Err(ReadError::Protocol {
-                reason: abort::INVALID_PDU_PARAMETER_VALUE,
-                message: format!(
-                    "PDU type 0x{pdu_type:02X} length {length} exceeds the maximum {max}"
-                ),
-            });
-        }
-        let total = PDU_HEADER_LEN + length;
-        Ok(if available >= total {
-            Framed::Whole(total)
-        } else {
-            Framed::Partial(total)
-        })
+        frame(&self.buf[at..self.end], limit)
     }
 
     /// Ensures the buffer can hold `needed` bytes from `start`: moves the partial PDU to
@@ -328,6 +303,33 @@ impl PduReader {
             None => Ok(()),
         }
     }
+}
+
+/// Frames the PDU at the start of `bytes`: its header is checked against `limit` (the
+/// largest body accepted per PDU type, None for a type not expected) as soon as the
+/// header is there, before any of its body.
+pub fn frame(bytes: &[u8], limit: &dyn Fn(u8) -> Option<usize>) -> Result<Framed, ReadError> {
+    let Some(header) = bytes.first_chunk::<PDU_HEADER_LEN>() else {
+        return Ok(Framed::Partial(PDU_HEADER_LEN));
+    };
+    let (pdu_type, length) = parse_pdu_header(header).map_err(protocol)?;
+    let length = length as usize;
+    let max = limit(pdu_type).ok_or_else(|| ReadError::Protocol {
+        reason: abort::UNEXPECTED_PDU,
+        message: format!("unexpected PDU type 0x{pdu_type:02X} in this state"),
+    })?;
+    if length > max {
+        return Err(ReadError::Protocol {
+            reason: abort::INVALID_PDU_PARAMETER_VALUE,
+            message: format!("PDU type 0x{pdu_type:02X} length {length} exceeds the maximum {max}"),
+        });
+    }
+    let total = PDU_HEADER_LEN + length;
+    Ok(if bytes.len() >= total {
+        Framed::Whole(total)
+    } else {
+        Framed::Partial(total)
+    })
 }
 
 fn protocol(e: PduError) -> ReadError {

@@ -1,0 +1,166 @@
+"""Micro benchmarks (pytest-benchmark) of the per-instance hot paths of the Rust core, on
+bytes in memory: PDU framing, the PDV walk that splits command and data set fragments, the
+data set sniff, and the file meta header build. Each runs the code an association runs
+(`storescp._core.frame_pdus`, `split_p_data`, `sniff_data_set`, `encode_file_meta`), and
+each checks its result, so `--benchmark-disable` makes them a quick correctness run (the
+test suite does that; see scripts/test.sh).
+
+Inputs are the first instance of the benchmark corpora (`corpus.py`, explicit VR little
+endian): a tiny 32x32 CT (~3 KB) and a small 512x512 CT (~525 KB), sent as dcmtk's
+`storescu` sends them, in P-DATA-TF PDUs of at most 16 KB.
+
+Usage::
+
+    .venv/bin/python -m pytest benchmarks/test_micro.py --benchmark-columns=min,median,ops
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pytest_benchmark.fixture import BenchmarkFixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import corpus
+from storescp import _core as core
+
+MAX_PDU = 16384
+# PS3.8 9.3.5: a PDU's variable field holds one PDV item: 4 (length) + 1 (context ID)
+# + 1 (message control header) + the fragment.
+FRAGMENT = MAX_PDU - 6
+CONTEXT_ID = 1
+C_STORE_RQ = 0x0001
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    data_set: bytes
+
+
+def load(kind: str) -> Instance:
+    """The first instance of a corpus, its data set encoded as it is sent."""
+    _, ds, _ = next(corpus.instances(kind, 1, "explicit"))
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = False
+    write_dataset(out, ds)
+    return Instance(
+        kind,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        str(ds.StudyInstanceUID),
+        str(ds.SeriesInstanceUID),
+        out.getvalue(),
+    )
+
+
+def element(group: int, elem: int, value: bytes) -> bytes:
+    """An implicit VR little endian element (PS3.5 7.1.3), as command sets are encoded."""
+    return struct.pack("<HHI", group, elem, len(value)) + value
+
+
+def uid(value: str) -> bytes:
+    raw = value.encode()
+    return raw + b"\0" * (len(raw) % 2)
+
+
+def c_store_rq(instance: Instance) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 9.3.1.1) announcing the instance."""
+    fields = (
+        element(0x0000, 0x0002, uid(instance.sop_class_uid))
+        + element(0x0000, 0x0100, struct.pack("<H", C_STORE_RQ))
+        + element(0x0000, 0x0110, struct.pack("<H", 1))
+        + element(0x0000, 0x0700, struct.pack("<H", 0))
+        + element(0x0000, 0x0800, struct.pack("<H", 0x0001))
+        + element(0x0000, 0x1000, uid(instance.sop_instance_uid))
+    )
+    return element(0x0000, 0x0000, struct.pack("<I", len(fields))) + fields
+
+
+def p_data_tf(data: bytes, *, command: bool, last: bool) -> bytes:
+    """One P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2 message control header)."""
+    control = (0x01 if command else 0) | (0x02 if last else 0)
+    item = struct.pack(">IBB", len(data) + 2, CONTEXT_ID, control) + data
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+def fragments(data: bytes) -> Iterator[tuple[bytes, bool]]:
+    for at in range(0, len(data), FRAGMENT):
+        yield data[at : at + FRAGMENT], at + FRAGMENT >= len(data)
+
+
+@dataclass(frozen=True)
+class Message:
+    instance: Instance
+    command: bytes
+    stream: bytes
+    pdus: int
+
+
+def message(kind: str) -> Message:
+    """The PDUs of one C-STORE: the command, then the data set in 16 KB PDUs."""
+    instance = load(kind)
+    command = c_store_rq(instance)
+    pdus = [p_data_tf(command, command=True, last=True)]
+    pdus += [p_data_tf(f, command=False, last=last) for f, last in fragments(instance.data_set)]
+    return Message(instance, command, b"".join(pdus), len(pdus))
+
+
+@pytest.fixture(scope="module", params=["tiny", "small"])
+def sent(request: pytest.FixtureRequest) -> Message:
+    return message(str(request.param))
+
+
+def test_frame_pdus(benchmark: BenchmarkFixture, sent: Message) -> None:
+    """Every PDU of the message framed and its header checked."""
+    assert benchmark(core.frame_pdus, sent.stream, MAX_PDU) == sent.pdus
+
+
+def test_split_p_data(benchmark: BenchmarkFixture, sent: Message) -> None:
+    """The command set joined, the data set fragments counted without a copy."""
+    command, count, size = benchmark(core.split_p_data, sent.stream)
+    assert command == sent.command
+    assert (count, size) == (sent.pdus - 1, len(sent.instance.data_set))
+
+
+def test_sniff_data_set(benchmark: BenchmarkFixture, sent: Message) -> None:
+    """The UIDs that name the file, found in the data set fed one fragment at a time."""
+    found = dict(
+        benchmark(core.sniff_data_set, sent.instance.data_set, ExplicitVRLittleEndian, FRAGMENT)
+    )
+    instance = sent.instance
+    assert found["SOPClassUID"] == instance.sop_class_uid
+    assert found["SOPInstanceUID"] == instance.sop_instance_uid
+    assert found["StudyInstanceUID"] == instance.study_instance_uid
+    assert found["SeriesInstanceUID"] == instance.series_instance_uid
+
+
+def test_encode_file_meta(benchmark: BenchmarkFixture) -> None:
+    """The Part 10 header of a stored file, as pydicom reads it back."""
+    instance = load("tiny")
+    header = benchmark(
+        core.encode_file_meta,
+        instance.sop_class_uid,
+        instance.sop_instance_uid,
+        ExplicitVRLittleEndian,
+        "STORESCU",
+    )
+    meta = dcmread(DicomBytesIO(header)).file_meta
+    assert meta.MediaStorageSOPInstanceUID == instance.sop_instance_uid
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.SourceApplicationEntityTitle == "STORESCU"
