@@ -765,6 +765,7 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
     if not args.no_wait:
         wait_after_cleanup(out_dir)
     runs: list[dict[str, float]] = []
+    labels: dict[str, str] = {}  # key -> label, in the load generator's order
     for k in range(args.runs):
         log(f"ceilings run {k + 1}/{args.runs}")
         drop_page_cache()
@@ -772,32 +773,14 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         done = subprocess.run(
             [*argv, "--scale", str(args.scale), "--no-cleanup"], capture_output=True, check=True
         )
-        runs.append(json.loads(done.stdout))
+        measured = json.loads(done.stdout)
+        labels = measured.pop("labels")
+        runs.append(measured)
     cleanup(out_dir, [workdir])
-    labels = {
-        "tcp_loopback_mb_s": "loopback TCP, MB/s",
-        "page_cache_write_mb_s": "page-cache write, MB/s",
-        "write_fdatasync_mb_s": "write + fdatasync, MB/s",
-        "direct_write_mb_s": "O_DIRECT writes (1 MiB, 2 in flight) + fdatasync, MB/s",
-        "create_write_rename_4k_per_s": "create+write+rename 4 KB, files/s",
-        "create_write_rename_512k_per_s": "create+write+rename 512 KB, files/s",
-        "fsync_file_ms_p50": "fsync new 4 KB file, ms (median)",
-        "fsync_dir_ms_p50": "fsync directory after rename, ms (median)",
-        "durable_store_ms_p50": "create+write+fsync+rename+dir fsync, ms (median)",
-        "durable_4k_per_s": "durable 4 KB files/s, one at a time",
-        "durable_4k_x4_per_s": "durable 4 KB files/s, 4 writers",
-        "durable_512k_x4_per_s": "durable 512 KB files/s, 4 writers",
-        "store_with_registry_x1_per_s": "4 KB O_TMPFILE + symlink + link/s, 1 writer",
-        "store_with_registry_x4_per_s": "4 KB O_TMPFILE + symlink + link/s, 4 writers",
-        "store_without_registry_x1_per_s": "the same without the symlink/s, 1 writer",
-        "store_without_registry_x4_per_s": "the same without the symlink/s, 4 writers",
-        "round_trips_x1_per_s": "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
-        "round_trips_x4_per_s": "loopback 3 KB request + 100 B answer/s, 4 pairs",
-    }
     lines = ["| ceiling | median | min | max |", "|---|---|---|---|"]
     for key, label in labels.items():
         med, lo, hi = median_range([r[key] for r in runs])
-        digits = 2 if key.endswith("_ms_p50") else 0
+        digits = 2 if "_ms_" in key else 0
         lines.append(f"| {label} | {med:,.{digits}f} | {lo:,.{digits}f} | {hi:,.{digits}f} |")
     text = "\n".join(lines)
     print(text)
@@ -805,7 +788,7 @@ def run_ceilings(args: argparse.Namespace, loadgen: Path) -> int:
         Path(args.markdown).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"machine": machine(), "ceilings": runs}, indent=2) + "\n"
+            json.dumps({"machine": machine(), "labels": labels, "ceilings": runs}, indent=2) + "\n"
         )
     return 0
 

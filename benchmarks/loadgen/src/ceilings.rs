@@ -585,32 +585,32 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
         (
             "store_with_registry_x1_per_s",
             registry_x1,
-            "4 KB O_TMPFILE + registry symlink + link, /s",
+            "4 KB O_TMPFILE + registry symlink + link/s, 1 writer",
         ),
         (
             "store_with_registry_x4_per_s",
             registry_x4,
-            "the same, 4 writers, /s",
+            "4 KB O_TMPFILE + registry symlink + link/s, 4 writers",
         ),
         (
             "store_without_registry_x1_per_s",
             bare_x1,
-            "the same without the registry symlink, /s",
+            "4 KB O_TMPFILE + link (no registry symlink)/s, 1 writer",
         ),
         (
             "store_without_registry_x4_per_s",
             bare_x4,
-            "the same, 4 writers, /s",
+            "4 KB O_TMPFILE + link (no registry symlink)/s, 4 writers",
         ),
         (
             "round_trips_x1_per_s",
             round_trips_x1,
-            "loopback 3 KB request / 100 B answer, polled, /s",
+            "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
         ),
         (
             "round_trips_x4_per_s",
             round_trips_x4,
-            "the same, 4 pairs, /s",
+            "loopback 3 KB request + 100 B answer/s, 4 pairs",
         ),
     ];
     if options.json {
@@ -619,7 +619,16 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
             .map(|(key, value, _)| format!("\"{key}\": {value:.3}"))
             .chain(std::iter::once(format!("\"scale\": {s}")))
             .collect();
-        println!("{{{}}}", fields.join(", "));
+        // The labels go along so that reports need no copy of their own.
+        let labels: Vec<String> = rows
+            .iter()
+            .map(|(key, _, label)| format!("\"{key}\": \"{label}\""))
+            .collect();
+        println!(
+            "{{{}, \"labels\": {{{}}}}}",
+            fields.join(", "),
+            labels.join(", ")
+        );
     } else {
         for (_, value, label) in rows {
             println!("{label:<52} {value:>12.2}");
