@@ -55,6 +55,8 @@ def _clean(text: str) -> str:
     drive the operator's terminal.
     """
     stripped = text.strip(" \0")
+    if stripped.isprintable():  # the usual case, checked at C speed
+        return stripped
     return "".join(c if c.isprintable() else "?" for c in stripped)
 
 
