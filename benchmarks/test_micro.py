@@ -164,3 +164,12 @@ def test_encode_file_meta(benchmark: BenchmarkFixture) -> None:
     assert meta.MediaStorageSOPInstanceUID == instance.sop_instance_uid
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert meta.SourceApplicationEntityTitle == "STORESCU"
+
+
+def test_framing_refuses_what_the_reader_refuses() -> None:
+    """A PDU over the limit or cut short is an error, as on an association."""
+    stream = message("tiny").stream
+    with pytest.raises(ValueError, match="exceeds the maximum"):
+        core.frame_pdus(stream, 1024)
+    with pytest.raises(ValueError, match="truncated"):
+        core.frame_pdus(stream[:-1], MAX_PDU)

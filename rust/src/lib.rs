@@ -354,26 +354,38 @@ mod python {
     // The per-instance hot paths, callable on bytes for the micro benchmarks
     // (benchmarks/test_micro.py): each runs the code an association runs.
 
-    /// Frames every PDU of `stream` as an association's reader does, each header checked
-    /// against `max_pdu`; returns how many. Raises ValueError for an invalid header or
-    /// a truncated last PDU.
-    #[pyfunction]
-    fn frame_pdus(stream: &[u8], max_pdu: usize) -> PyResult<usize> {
+    /// Calls `each` with the type and body of every PDU of `stream`, framed as an
+    /// association's reader frames them, each header checked against `max_pdu`; returns
+    /// how many. ValueError for an invalid header or a truncated last PDU.
+    fn for_each_pdu<'s>(
+        stream: &'s [u8],
+        max_pdu: usize,
+        mut each: impl FnMut(u8, &'s [u8]) -> PyResult<()>,
+    ) -> PyResult<usize> {
         let limit = |_: u8| Some(max_pdu);
-        let (mut at, mut count) = (0, 0);
-        while at < stream.len() {
-            match transport::frame(&stream[at..], &limit) {
-                Ok(transport::Framed::Whole(total)) => at += total,
+        let (mut rest, mut count) = (stream, 0);
+        while !rest.is_empty() {
+            let total = match transport::frame(rest, &limit) {
+                Ok(transport::Framed::Whole(total)) => total,
                 Ok(transport::Framed::Partial(needed)) => {
                     return Err(PyValueError::new_err(format!(
-                        "truncated PDU at {at}: {needed} bytes needed"
+                        "truncated PDU: {needed} bytes needed, {} left",
+                        rest.len()
                     )))
                 }
                 Err(e) => return Err(PyValueError::new_err(format!("{e:?}"))),
-            }
-            count += 1;
+            };
+            let (pdu, after) = rest.split_at(total);
+            each(pdu[0], &pdu[pdu::PDU_HEADER_LEN..])?;
+            (rest, count) = (after, count + 1);
         }
         Ok(count)
+    }
+
+    /// Frames every PDU of `stream` (see `for_each_pdu`); returns how many.
+    #[pyfunction]
+    fn frame_pdus(stream: &[u8], max_pdu: usize) -> PyResult<usize> {
+        for_each_pdu(stream, max_pdu, |_, _| Ok(()))
     }
 
     /// Walks the PDV items of every P-DATA-TF of `stream` as an association does: the
@@ -384,26 +396,22 @@ mod python {
         py: Python<'py>,
         stream: &[u8],
     ) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
-        let invalid = |e: pdu::PduError| PyValueError::new_err(e.to_string());
         let mut command = Vec::new();
         let mut fragments: Vec<&[u8]> = Vec::new();
-        let mut rest = stream;
-        while let Some(header) = rest.first_chunk::<{ pdu::PDU_HEADER_LEN }>() {
-            let (_, length) = pdu::parse_pdu_header(header).map_err(invalid)?;
-            let end = pdu::PDU_HEADER_LEN + length as usize;
-            let body = rest
-                .get(pdu::PDU_HEADER_LEN..end)
-                .ok_or_else(|| PyValueError::new_err("truncated PDU"))?;
+        for_each_pdu(stream, usize::MAX, |pdu_type, body| {
+            if pdu_type != pdu::pdu_type::P_DATA_TF {
+                return Ok(());
+            }
             for pdv in pdu::pdvs(body) {
-                let pdv = pdv.map_err(invalid)?;
+                let pdv = pdv.map_err(|e| PyValueError::new_err(e.to_string()))?;
                 if pdv.is_command {
                     command.extend_from_slice(pdv.data);
                 } else {
                     fragments.push(pdv.data);
                 }
             }
-            rest = &rest[end..];
-        }
+            Ok(())
+        })?;
         let bytes = fragments.iter().map(|f| f.len()).sum();
         Ok((PyBytes::new(py, &command), fragments.len(), bytes))
     }

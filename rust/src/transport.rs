@@ -36,7 +36,7 @@ pub struct Waiting {
 }
 
 /// The PDU at the start of some bytes.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Framed {
     /// Whole, of this length (header included).
     Whole(usize),
