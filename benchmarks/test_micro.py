@@ -5,8 +5,9 @@ data set sniff, and the file meta header build. Each runs the code an associatio
 each checks its result, so `--benchmark-disable` makes them a quick correctness run (the
 test suite does that; see scripts/test.sh).
 
-Inputs are the first instance of the benchmark corpora (`corpus.py`, explicit VR little
-endian): a tiny 32x32 CT (~3 KB) and a small 512x512 CT (~525 KB), sent as dcmtk's
+Inputs are the first instance of the benchmark corpora (`corpus.py`): a tiny 32x32 CT
+(~3 KB) and a small 512x512 CT (~525 KB) in explicit VR little endian, and the small one in
+RLE Lossless (~280 KB, encapsulated: the sniff walks its fragment items), sent as dcmtk's
 `storescu` sends them, in P-DATA-TF PDUs of at most 16 KB.
 
 Usage::
@@ -49,12 +50,13 @@ class Instance:
     sop_instance_uid: str
     study_instance_uid: str
     series_instance_uid: str
+    transfer_syntax: str
     data_set: bytes
 
 
-def load(kind: str) -> Instance:
+def load(kind: str, syntax: str = "explicit") -> Instance:
     """The first instance of a corpus, its data set encoded as it is sent."""
-    _, ds, _ = next(corpus.instances(kind, 1, "explicit"))
+    _, ds, transfer_syntax = next(corpus.instances(kind, 1, syntax))
     out = DicomBytesIO()
     out.is_little_endian = True
     out.is_implicit_VR = False
@@ -65,6 +67,7 @@ def load(kind: str) -> Instance:
         str(ds.SOPInstanceUID),
         str(ds.StudyInstanceUID),
         str(ds.SeriesInstanceUID),
+        str(transfer_syntax),
         out.getvalue(),
     )
 
@@ -112,18 +115,19 @@ class Message:
     pdus: int
 
 
-def message(kind: str) -> Message:
+def message(kind: str, syntax: str = "explicit") -> Message:
     """The PDUs of one C-STORE: the command, then the data set in 16 KB PDUs."""
-    instance = load(kind)
+    instance = load(kind, syntax)
     command = c_store_rq(instance)
     pdus = [p_data_tf(command, command=True, last=True)]
     pdus += [p_data_tf(f, command=False, last=last) for f, last in fragments(instance.data_set)]
     return Message(instance, command, b"".join(pdus), len(pdus))
 
 
-@pytest.fixture(scope="module", params=["tiny", "small"])
+@pytest.fixture(scope="module", params=["tiny", "small", "small-rle"])
 def sent(request: pytest.FixtureRequest) -> Message:
-    return message(str(request.param))
+    kind, _, syntax = str(request.param).partition("-")
+    return message(kind, syntax or "explicit")
 
 
 def test_frame_pdus(benchmark: BenchmarkFixture, sent: Message) -> None:
@@ -139,11 +143,12 @@ def test_split_p_data(benchmark: BenchmarkFixture, sent: Message) -> None:
 
 
 def test_sniff_data_set(benchmark: BenchmarkFixture, sent: Message) -> None:
-    """The UIDs that name the file, found in the data set fed one fragment at a time."""
-    found = dict(
-        benchmark(core.sniff_data_set, sent.instance.data_set, ExplicitVRLittleEndian, FRAGMENT)
-    )
+    """The UIDs that name the file, found in the data set fed one fragment at a time, its
+    framing walked to the end."""
     instance = sent.instance
+    found = dict(
+        benchmark(core.sniff_data_set, instance.data_set, instance.transfer_syntax, FRAGMENT)
+    )
     assert found["SOPClassUID"] == instance.sop_class_uid
     assert found["SOPInstanceUID"] == instance.sop_instance_uid
     assert found["StudyInstanceUID"] == instance.study_instance_uid

@@ -127,8 +127,9 @@ def split_p_data(stream: bytes) -> tuple[bytes, int, int]:
     data set bytes). Raises ValueError for malformed items."""
 
 def sniff_data_set(data_set: bytes, transfer_syntax: str, fragment: int) -> list[tuple[str, str]]:
-    """The attributes an association finds in data_set, fed fragment bytes at a time, as
-    (keyword, value). Raises ValueError when it cannot be parsed up to them."""
+    """The attributes an association finds in data_set, fed fragment bytes at a time and
+    its element framing walked to the end, as (keyword, value). Raises ValueError when it
+    cannot be parsed or does not end after a whole element."""
 
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str

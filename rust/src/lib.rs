@@ -417,21 +417,19 @@ mod python {
     }
 
     /// Sniffs `data_set` (in `transfer_syntax`) as an association does while it arrives,
-    /// fed `fragment` bytes at a time; returns the attributes found, by keyword. Raises
-    /// ValueError when the data set cannot be parsed up to them.
+    /// fed `fragment` bytes at a time, the element framing walked to its end; returns
+    /// the attributes found, by keyword. Raises ValueError when the data set cannot be
+    /// parsed or does not end after a whole element.
     #[pyfunction]
     fn sniff_data_set(
         data_set: &[u8],
         transfer_syntax: &str,
         fragment: usize,
     ) -> PyResult<Vec<(&'static str, String)>> {
-        let mut sniffer = Sniffer::new(Encoding::for_transfer_syntax(transfer_syntax));
+        let mut sniffer = Sniffer::validating(Encoding::for_transfer_syntax(transfer_syntax));
         let invalid = |e: SniffError| PyValueError::new_err(e.to_string());
         for chunk in data_set.chunks(fragment.max(1)) {
             sniffer.feed(chunk).map_err(invalid)?;
-            if sniffer.is_done() {
-                break;
-            }
         }
         let summary = sniffer.finish().map_err(invalid)?;
         let found = [
