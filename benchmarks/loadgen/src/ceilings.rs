@@ -351,12 +351,10 @@ fn durable_parallel(
 const REGISTRY_TARGET_LEN: usize = 170;
 
 /// Instances per second, all writers together, of the filesystem work storescp does for
-/// each instance with fsync off, `writers` threads at once: an anonymous file
-/// (`O_TMPFILE`) with 4 KB written, a registry symlink in one of 256 folders (unless
-/// `registry` is false: what the duplicate registry costs), and a link of the file under
-/// its final name in the writer's own folder; nothing synced. With one writer, the
-/// filesystem's part of the tiny x1 round trip; with 4, what the two cores allow for
-/// tiny x4 before any byte is received.
+/// each instance with fsync off, `writers` threads at once ([`store_tiny`], 4 KB each,
+/// with or without the registry symlink: what the duplicate registry costs); nothing
+/// synced. With one writer, the filesystem's part of the tiny x1 round trip; with 4,
+/// what the two cores allow for tiny x4 before any byte is received.
 fn store_with_registry(
     dir: &Path,
     writers: usize,
@@ -365,38 +363,57 @@ fn store_with_registry(
     cleanup: bool,
 ) -> Result<f64, String> {
     sync_all_disks();
-    let sub = fresh_dir(&dir.join(format!("ceiling-registry-{registry}-x{writers}")))?;
-    for k in 0..256 {
-        let shard = sub.join(format!("sop/{k:02x}"));
-        fs::create_dir_all(&shard).map_err(|e| err("mkdir", &shard, e))?;
-    }
+    let sub = tiny_store_dirs(&dir.join(format!("ceiling-registry-{registry}-x{writers}")))?;
     let per_writer = count.div_ceil(writers);
     let buffer = vec![0x4Bu8; 4096];
-    let target = "1".repeat(REGISTRY_TARGET_LEN);
     let store = |w: usize| -> Result<(), String> {
         let series = sub.join(format!("series-{w}"));
         fs::create_dir(&series).map_err(|e| err("mkdir", &series, e))?;
         for i in 0..per_writer {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .open(&series)
-                .map_err(|e| err("open (O_TMPFILE)", &series, e))?;
-            file.write_all(&buffer)
-                .map_err(|e| err("write", &series, e))?;
-            let uid = format!("1.2.826.0.1.3680043.8.498.{w}.{i:0>28}");
-            if registry {
-                let link = sub.join(format!("sop/{:02x}/{uid}", (w * per_writer + i) % 256));
-                std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
-            }
-            let name = series.join(format!("{uid}.dcm"));
-            link_anonymous(&file, &name).map_err(|e| err("linkat", &name, e))?;
+            store_tiny(&sub, &series, &buffer, w * per_writer + i, registry)?;
         }
         Ok(())
     };
     let started = Instant::now();
     on_threads(writers, store)?;
     per_second_then_cleanup(per_writer * writers, started, &sub, cleanup)
+}
+
+/// `sub` as a fresh directory with the 256 registry folders `sop/00`..`sop/ff`.
+fn tiny_store_dirs(sub: &Path) -> Result<PathBuf, String> {
+    let sub = fresh_dir(sub)?;
+    for k in 0..256 {
+        let shard = sub.join(format!("sop/{k:02x}"));
+        fs::create_dir_all(&shard).map_err(|e| err("mkdir", &shard, e))?;
+    }
+    Ok(sub)
+}
+
+/// Stores `bytes` as storescp stores instance number `k` with fsync off: an anonymous
+/// file (`O_TMPFILE`) in `series` with the bytes written, a registry symlink (unless
+/// `registry` is false) in folder `k % 256` of `sub/sop`, and a link of the file under its
+/// final name in `series`.
+fn store_tiny(
+    sub: &Path,
+    series: &Path,
+    bytes: &[u8],
+    k: usize,
+    registry: bool,
+) -> Result<(), String> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(series)
+        .map_err(|e| err("open (O_TMPFILE)", series, e))?;
+    file.write_all(bytes).map_err(|e| err("write", series, e))?;
+    let uid = format!("1.2.826.0.1.3680043.8.498.{k:0>30}");
+    if registry {
+        let link = sub.join(format!("sop/{:02x}/{uid}", k % 256));
+        let target = "1".repeat(REGISTRY_TARGET_LEN);
+        std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
+    }
+    let name = series.join(format!("{uid}.dcm"));
+    link_anonymous(&file, &name).map_err(|e| err("linkat", &name, e))
 }
 
 /// Size of the request in [`loopback_round_trips`]: a tiny instance with its command.
@@ -438,10 +455,28 @@ fn read_polling(stream: &mut TcpStream, buf: &mut [u8], spin: Duration) -> Resul
 /// writes a 3 KB request and waits for a 100-byte answer from its own responder thread,
 /// `count` exchanges in all. The senders never poll; the responders poll for up to
 /// `spin` before they sleep, as storescp's lone association does (zero: never). With one
-/// pair, the network's part of the tiny x1 round trip.
-fn loopback_round_trips(pairs: usize, count: usize, spin: Duration) -> Result<f64, String> {
+/// pair, the network's part of the tiny x1 round trip. With `store`, each responder first
+/// stores the request as a tiny instance below that folder ([`store_tiny`]), as storescp
+/// does before it answers: both parts of the round trip, one after the other (that
+/// folder is removed after if `cleanup`).
+fn loopback_round_trips(
+    pairs: usize,
+    count: usize,
+    spin: Duration,
+    store: Option<&Path>,
+    cleanup: bool,
+) -> Result<f64, String> {
     let per_pair = count.div_ceil(pairs);
-    let exchange = |_: usize| -> Result<(), String> {
+    let sub = store.map(tiny_store_dirs).transpose()?;
+    let exchange = |pair: usize| -> Result<(), String> {
+        let series = match &sub {
+            Some(sub) => {
+                let series = sub.join(format!("series-{pair}"));
+                fs::create_dir(&series).map_err(|e| err("mkdir", &series, e))?;
+                Some((sub.clone(), series))
+            }
+            None => None,
+        };
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
         let address = listener
             .local_addr()
@@ -453,8 +488,11 @@ fn loopback_round_trips(pairs: usize, count: usize, spin: Duration) -> Result<f6
                 .map_err(|e| format!("nodelay: {e}"))?;
             let mut request = vec![0u8; TINY_REQUEST];
             let answer = [0x02u8; TINY_ANSWER];
-            for _ in 0..per_pair {
+            for i in 0..per_pair {
                 read_polling(&mut stream, &mut request, spin)?;
+                if let Some((sub, series)) = &series {
+                    store_tiny(sub, series, &request, pair * per_pair + i, true)?;
+                }
                 stream
                     .write_all(&answer)
                     .map_err(|e| format!("send: {e}"))?;
@@ -481,7 +519,10 @@ fn loopback_round_trips(pairs: usize, count: usize, spin: Duration) -> Result<f6
     };
     let started = Instant::now();
     on_threads(pairs, exchange)?;
-    Ok((per_pair * pairs) as f64 / started.elapsed().as_secs_f64())
+    match &sub {
+        Some(sub) => per_second_then_cleanup(per_pair * pairs, started, sub, cleanup),
+        None => Ok((per_pair * pairs) as f64 / started.elapsed().as_secs_f64()),
+    }
 }
 
 /// Runs every measurement and prints them; returns Ok(true) when all ran.
@@ -497,20 +538,25 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
     let page_cache = sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
     let datasync = sequential_write(&options.dir, scaled(1024, s) * MIB, true)?;
     let direct = direct_write(&options.dir, scaled(1024, s) * MIB)?;
-    let keep = options.cleanup;
-    let small_files = create_rename(&options.dir, 4096, scaled(20000, s), keep)?;
-    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), keep)?;
-    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), keep)?;
-    let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), keep)?;
-    let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), keep)?;
-    let registry_x1 = store_with_registry(&options.dir, 1, true, scaled(5000, s), keep)?;
-    let registry_x4 = store_with_registry(&options.dir, 4, true, scaled(5000, s), keep)?;
-    let bare_x1 = store_with_registry(&options.dir, 1, false, scaled(5000, s), keep)?;
-    let bare_x4 = store_with_registry(&options.dir, 4, false, scaled(5000, s), keep)?;
-    let round_trips_x1 = loopback_round_trips(1, scaled(20000, s), SPIN_FOR_NEXT_REQUEST)?;
-    let round_trips_x4 = loopback_round_trips(4, scaled(20000, s), Duration::ZERO)?;
+    let (dir, cleanup) = (&options.dir, options.cleanup);
+    let small_files = create_rename(&options.dir, 4096, scaled(20000, s), cleanup)?;
+    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), cleanup)?;
+    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), cleanup)?;
+    let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), cleanup)?;
+    let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), cleanup)?;
+    let registry_x1 = store_with_registry(&options.dir, 1, true, scaled(5000, s), cleanup)?;
+    let registry_x4 = store_with_registry(&options.dir, 4, true, scaled(5000, s), cleanup)?;
+    let bare_x1 = store_with_registry(&options.dir, 1, false, scaled(5000, s), cleanup)?;
+    let bare_x4 = store_with_registry(&options.dir, 4, false, scaled(5000, s), cleanup)?;
+    let (polled, exchanges) = (SPIN_FOR_NEXT_REQUEST, scaled(20000, s));
+    let round_trips_x1 = loopback_round_trips(1, exchanges, polled, None, cleanup)?;
+    let round_trips_x4 = loopback_round_trips(4, exchanges, Duration::ZERO, None, cleanup)?;
+    let (x1, x4) = (dir.join("ceiling-stored-x1"), dir.join("ceiling-stored-x4"));
+    let stored = scaled(5000, s);
+    let stored_x1 = loopback_round_trips(1, stored, polled, Some(&x1), cleanup)?;
+    let stored_x4 = loopback_round_trips(4, stored, Duration::ZERO, Some(&x4), cleanup)?;
     sync_all_disks();
-    let rows: [(&str, f64, &str); 21] = [
+    let rows: [(&str, f64, &str); 23] = [
         ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
         (
             "page_cache_write_mb_s",
@@ -611,6 +657,16 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
             "round_trips_x4_per_s",
             round_trips_x4,
             "loopback 3 KB request + 100 B answer/s, 4 pairs",
+        ),
+        (
+            "stored_round_trips_x1_per_s",
+            stored_x1,
+            "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
+        ),
+        (
+            "stored_round_trips_x4_per_s",
+            stored_x4,
+            "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
         ),
     ];
     if options.json {
