@@ -30,7 +30,7 @@
 //! to, never tmpfs) and removed afterwards.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -390,9 +390,9 @@ fn tiny_store_dirs(sub: &Path) -> Result<PathBuf, String> {
 }
 
 /// Stores `bytes` as storescp stores instance number `k` with fsync off: an anonymous
-/// file (`O_TMPFILE`) in `series` with the bytes written, a registry symlink (unless
+/// file (`O_TMPFILE`) in `sub` with the bytes written, a registry symlink (unless
 /// `registry` is false) in folder `k % 256` of `sub/sop`, and a link of the file under its
-/// final name in `series`.
+/// final name in `series`, which is created when missing.
 fn store_tiny(
     sub: &Path,
     series: &Path,
@@ -403,9 +403,9 @@ fn store_tiny(
     let mut file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
-        .open(series)
-        .map_err(|e| err("open (O_TMPFILE)", series, e))?;
-    file.write_all(bytes).map_err(|e| err("write", series, e))?;
+        .open(sub)
+        .map_err(|e| err("open (O_TMPFILE)", sub, e))?;
+    file.write_all(bytes).map_err(|e| err("write", sub, e))?;
     let uid = format!("1.2.826.0.1.3680043.8.498.{k:0>30}");
     if registry {
         let link = sub.join(format!("sop/{:02x}/{uid}", k % 256));
@@ -413,8 +413,23 @@ fn store_tiny(
         std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
     }
     let name = series.join(format!("{uid}.dcm"));
-    link_anonymous(&file, &name).map_err(|e| err("linkat", &name, e))
+    match link_anonymous(&file, &name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match fs::create_dir(series) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(err("mkdir", series, e))
+                }
+                _ => {}
+            }
+            link_anonymous(&file, &name)
+        }
+        linked => linked,
+    }
+    .map_err(|e| err("linkat", &name, e))
 }
+
+/// Instances per series in [`loopback_round_trips`], as in the benchmark corpora.
+const INSTANCES_PER_SERIES: usize = 100;
 
 /// Size of the request in [`loopback_round_trips`]: a tiny instance with its command.
 const TINY_REQUEST: usize = 3072;
@@ -458,7 +473,8 @@ fn read_polling(stream: &mut TcpStream, buf: &mut [u8], spin: Duration) -> Resul
 /// pair, the network's part of the tiny x1 round trip. With `store`, each responder first
 /// stores the request as a tiny instance below that folder ([`store_tiny`]), as storescp
 /// does before it answers: both parts of the round trip, one after the other (that
-/// folder is removed after if `cleanup`).
+/// folder is removed after if `cleanup`). The instances are dealt to the pairs in turn and
+/// go 100 to a series folder, as the harness's corpus goes to storescp's associations.
 fn loopback_round_trips(
     pairs: usize,
     count: usize,
@@ -469,14 +485,7 @@ fn loopback_round_trips(
     let per_pair = count.div_ceil(pairs);
     let sub = store.map(tiny_store_dirs).transpose()?;
     let exchange = |pair: usize| -> Result<(), String> {
-        let series = match &sub {
-            Some(sub) => {
-                let series = sub.join(format!("series-{pair}"));
-                fs::create_dir(&series).map_err(|e| err("mkdir", &series, e))?;
-                Some((sub.clone(), series))
-            }
-            None => None,
-        };
+        let sub = sub.clone();
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
         let address = listener
             .local_addr()
@@ -490,8 +499,12 @@ fn loopback_round_trips(
             let answer = [0x02u8; TINY_ANSWER];
             for i in 0..per_pair {
                 read_polling(&mut stream, &mut request, spin)?;
-                if let Some((sub, series)) = &series {
-                    store_tiny(sub, series, &request, pair * per_pair + i, true)?;
+                if let Some(sub) = &sub {
+                    // Dealt round-robin like the load generator's instances, so that
+                    // the pairs share the series folder of the moment as associations do.
+                    let n = i * pairs + pair;
+                    let series = sub.join(format!("series-{}", n / INSTANCES_PER_SERIES));
+                    store_tiny(sub, &series, &request, n, true)?;
                 }
                 stream
                     .write_all(&answer)
