@@ -17,9 +17,7 @@ Usage::
 
 from __future__ import annotations
 
-import struct
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +28,19 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pytest_benchmark.fixture import BenchmarkFixture
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' raw DICOM encoders
 
-import corpus
-from storescp import _core as core
+import corpus  # noqa: E402
+from dicom_raw import c_store_rq, fragments  # noqa: E402
+from storescp import _core as core  # noqa: E402
 
 MAX_PDU = 16384
 # PS3.8 9.3.5: a PDU's variable field holds one PDV item: 4 (length) + 1 (context ID)
 # + 1 (message control header) + the fragment.
 FRAGMENT = MAX_PDU - 6
 CONTEXT_ID = 1
-C_STORE_RQ = 0x0001
 
 
 @dataclass(frozen=True)
@@ -72,41 +72,6 @@ def load(kind: str, syntax: str = "explicit") -> Instance:
     )
 
 
-def element(group: int, elem: int, value: bytes) -> bytes:
-    """An implicit VR little endian element (PS3.5 7.1.3), as command sets are encoded."""
-    return struct.pack("<HHI", group, elem, len(value)) + value
-
-
-def uid(value: str) -> bytes:
-    raw = value.encode()
-    return raw + b"\0" * (len(raw) % 2)
-
-
-def c_store_rq(instance: Instance) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 9.3.1.1) announcing the instance."""
-    fields = (
-        element(0x0000, 0x0002, uid(instance.sop_class_uid))
-        + element(0x0000, 0x0100, struct.pack("<H", C_STORE_RQ))
-        + element(0x0000, 0x0110, struct.pack("<H", 1))
-        + element(0x0000, 0x0700, struct.pack("<H", 0))
-        + element(0x0000, 0x0800, struct.pack("<H", 0x0001))
-        + element(0x0000, 0x1000, uid(instance.sop_instance_uid))
-    )
-    return element(0x0000, 0x0000, struct.pack("<I", len(fields))) + fields
-
-
-def p_data_tf(data: bytes, *, command: bool, last: bool) -> bytes:
-    """One P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2 message control header)."""
-    control = (0x01 if command else 0) | (0x02 if last else 0)
-    item = struct.pack(">IBB", len(data) + 2, CONTEXT_ID, control) + data
-    return struct.pack(">BBI", 0x04, 0, len(item)) + item
-
-
-def fragments(data: bytes) -> Iterator[tuple[bytes, bool]]:
-    for at in range(0, len(data), FRAGMENT):
-        yield data[at : at + FRAGMENT], at + FRAGMENT >= len(data)
-
-
 @dataclass(frozen=True)
 class Message:
     instance: Instance
@@ -118,9 +83,9 @@ class Message:
 def message(kind: str, syntax: str = "explicit") -> Message:
     """The PDUs of one C-STORE: the command, then the data set in 16 KB PDUs."""
     instance = load(kind, syntax)
-    command = c_store_rq(instance)
-    pdus = [p_data_tf(command, command=True, last=True)]
-    pdus += [p_data_tf(f, command=False, last=last) for f, last in fragments(instance.data_set)]
+    command = c_store_rq(1, instance.sop_class_uid, instance.sop_instance_uid)
+    pdus = fragments(CONTEXT_ID, command, command=True, max_pdu=MAX_PDU)
+    pdus += fragments(CONTEXT_ID, instance.data_set, command=False, max_pdu=MAX_PDU)
     return Message(instance, command, b"".join(pdus), len(pdus))
 
 

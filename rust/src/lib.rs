@@ -373,7 +373,7 @@ mod python {
                         rest.len()
                     )))
                 }
-                Err(e) => return Err(PyValueError::new_err(format!("{e:?}"))),
+                Err(e) => return Err(PyValueError::new_err(e.to_string())),
             };
             let (pdu, after) = rest.split_at(total);
             each(pdu[0], &pdu[pdu::PDU_HEADER_LEN..])?;

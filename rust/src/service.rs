@@ -198,7 +198,7 @@ fn establish(
                 send_abort(writer, *reason);
             }
             let mut event = peer.event("assoc_aborted");
-            event.reason = read_error_text(&e);
+            event.reason = e.to_string();
             shared.events.push(event);
             return None;
         }
@@ -278,14 +278,6 @@ fn reject_event(shared: &Shared, peer: &Peer, reason: String) {
     let mut event = peer.event("assoc_rejected");
     event.reason = reason;
     shared.events.push(event);
-}
-
-fn read_error_text(e: &ReadError) -> String {
-    match e {
-        ReadError::Closed => "connection closed by peer".into(),
-        ReadError::Lost(m) | ReadError::Stopped(m) => m.clone(),
-        ReadError::Protocol { message, .. } => format!("protocol error: {message}"),
-    }
 }
 
 /// Writes a whole PDU; false when the connection is gone.
@@ -458,7 +450,7 @@ impl<'a> Session<'a> {
                     } else if let ReadError::Stopped(_) = &e {
                         send_abort(&self.writer, abort::REASON_NOT_SPECIFIED);
                     }
-                    return End::Aborted(read_error_text(&e));
+                    return End::Aborted(e.to_string());
                 }
             };
             let mut fragments = Fragments::new();

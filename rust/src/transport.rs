@@ -27,6 +27,16 @@ pub enum ReadError {
     Stopped(String),
 }
 
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Closed => f.write_str("connection closed by peer"),
+            ReadError::Lost(m) | ReadError::Stopped(m) => f.write_str(m),
+            ReadError::Protocol { message, .. } => write!(f, "protocol error: {message}"),
+        }
+    }
+}
+
 /// What the wait policy is told each time a read times out.
 pub struct Waiting {
     /// Time since the last byte arrived.
