@@ -15,13 +15,15 @@ group 0002, hashed and compared with the corpus file's).
 Reports the median and range of the runs and the ratio against dcmtk ``storescp +B +xa``
 (the median of per-run ratios, run k against run k) as markdown, and optionally JSON.
 
-``--ceilings`` measures the machine instead (``storescp-loadgen ceilings``).
+``--ceilings`` measures the machine instead (``storescp-loadgen ceilings``); ``--bounds``
+measures, after each round of a scenario, the ceilings that bound it (``bounds.py``).
 
 Usage::
 
     python3 benchmarks/harness.py --runs 5
     python3 benchmarks/harness.py --scenarios tiny1,tiny4 --servers dcmtk,storescp-nofsync
     python3 benchmarks/harness.py --ceilings --runs 3
+    python3 benchmarks/harness.py --scenarios small4 --servers dcmtk,storescp --bounds
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import bounds as bounds_mod  # noqa: E402
 import corpus as corpus_mod  # noqa: E402
 
 DCMTK_STORESCP = "/usr/bin/storescp"
@@ -103,6 +106,7 @@ class ServerSpec:
     env: tuple[tuple[str, str], ...] = ()
     index_db: bool = False
     forks: bool = False  # serves associations in child processes
+    durable: bool = False  # every instance on disk before its success (fsync on)
 
 
 def server_specs(python: str, storescp_cmd: list[str] | None) -> dict[str, ServerSpec]:
@@ -119,13 +123,14 @@ def server_specs(python: str, storescp_cmd: list[str] | None) -> dict[str, Serve
             nodelay,
             forks=True,
         ),
-        ServerSpec("storescp", "storescp (fsync on, default)", base),
+        ServerSpec("storescp", "storescp (fsync on, default)", base, durable=True),
         ServerSpec("storescp-nofsync", "storescp --no-fsync", (*base, "--no-fsync")),
         ServerSpec(
             "storescp-index",
             "storescp --index-db (fsync on)",
             (*base, "--index-db", "{index}"),
             index_db=True,
+            durable=True,
         ),
     )
     return {s.name: s for s in specs}
@@ -659,6 +664,7 @@ def markdown(
     scenarios: list[Scenario],
     servers: list[ServerSpec],
     skipped: dict[str, str],
+    bounds: dict[str, dict[str, Any]],
 ) -> str:
     lines: list[str] = []
     head = "| server | " + " | ".join(s.title for s in scenarios) + " |"
@@ -710,6 +716,8 @@ def markdown(
             for err in e["errors"]:
                 lines.append(f"|  ↳ error: {err[:160]} |||||||")
         lines.append("")
+        titles = {spec.name: spec.title for spec in servers}
+        lines += bounds_mod.markdown(bounds.get(s.name, {}), UNITS[s.metric], titles)
     return "\n".join(lines)
 
 
@@ -857,6 +865,11 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep storage dirs of good runs")
     parser.add_argument("--ceilings", action="store_true", help="measure machine ceilings")
     parser.add_argument(
+        "--bounds",
+        action="store_true",
+        help="after each round, measure the ceilings that bound the scenario (bounds.py)",
+    )
+    parser.add_argument(
         "--no-wait",
         action="store_true",
         help="do not wait 6 min after the previous invocation's mass deletion (dev runs)",
@@ -895,6 +908,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     sender_args = ["--max-pdu", str(args.max_pdu), *(["--nagle"] if args.nagle else [])]
     results: list[RunResult] = []
+    measured_bounds: list[bounds_mod.BoundResult] = []
+    bound_dirs: list[Path] = []
     started = time.monotonic()
     for s in scenarios:
         corpus = corpora[f"{s.kind}-{max(1, round(s.base_count * args.scale))}"]
@@ -908,10 +923,27 @@ def _main(argv: list[str] | None = None) -> int:
                     f"{r.mb_per_s:,.1f} MB/s cpu {r.cpu_s:.2f} s rss {r.peak_rss_mb:.1f} MB "
                     f"{status}"
                 )
+            if args.bounds and s.name in bounds_mod.BOUNDS:
+                bound_dirs.append(workdir / f"bounds-{s.name}-{run}")
+                drop_page_cache()
+                found = bounds_mod.measure(loadgen, s.name, run, bound_dirs[-1], args.scale)
+                measured_bounds += found
+                log(
+                    f"{s.name} bounds run {run + 1}: "
+                    + ", ".join(f"{b.key} {b.value:,.0f}" for b in found)
+                )
     if not args.keep:
-        cleanup(Path(args.out_dir), [Path(r.rundir) for r in results if r.rundir and r.ok])
+        good = [Path(r.rundir) for r in results if r.rundir and r.ok]
+        cleanup(Path(args.out_dir), good + bound_dirs)
     summary = summarize(results, scenarios, servers)
-    report = markdown(summary, scenarios, servers, skipped)
+    durable = {spec.name: spec.durable for spec in servers}
+    bound_summary = {
+        s.name: bounds_mod.summarize(
+            [b for b in measured_bounds if b.scenario == s.name], results, s.metric, durable
+        ).get(s.name, {})
+        for s in scenarios
+    }
+    report = markdown(summary, scenarios, servers, skipped, bound_summary)
     header = (
         f"runs={args.runs} scale={args.scale} syntax={args.syntax} max_pdu={args.max_pdu} "
         f"nagle={args.nagle} elapsed={time.monotonic() - started:.0f}s"
@@ -927,7 +959,9 @@ def _main(argv: list[str] | None = None) -> int:
                     "args": vars(args),
                     "skipped": skipped,
                     "summary": summary,
+                    "bounds": bound_summary,
                     "runs": [asdict(r) for r in results],
+                    "bound_runs": [asdict(b) for b in measured_bounds],
                 },
                 indent=2,
             )

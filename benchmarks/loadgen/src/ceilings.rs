@@ -48,6 +48,8 @@ struct Options {
     scale: f64,
     json: bool,
     cleanup: bool,
+    /// Keys of the rows to measure; empty: all of them.
+    only: Vec<String>,
 }
 
 fn parse(argv: &[String]) -> Result<Options, String> {
@@ -56,6 +58,7 @@ fn parse(argv: &[String]) -> Result<Options, String> {
         scale: 1.0,
         json: false,
         cleanup: true,
+        only: Vec::new(),
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -73,6 +76,14 @@ fn parse(argv: &[String]) -> Result<Options, String> {
             }
             "--json" => options.json = true,
             "--no-cleanup" => options.cleanup = false,
+            "--only" => {
+                let keys = it.next().ok_or("--only needs a value")?;
+                options.only = keys
+                    .split(',')
+                    .filter(|k| !k.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
             other => return Err(format!("ceilings: unknown argument: {other}")),
         }
     }
@@ -539,154 +550,209 @@ fn loopback_round_trips(
 }
 
 /// Runs every measurement and prints them; returns Ok(true) when all ran.
+/// One measurement: the rows it yields (key and label of each) and how to take it. Several
+/// rows come from one measurement where they are figures of the same timed sequence.
+struct Ceiling<'a> {
+    rows: Vec<(&'static str, &'static str)>,
+    /// Needs warm guest memory first (the sequential writes).
+    warm: bool,
+    measure: Box<dyn Fn() -> Result<Vec<f64>, String> + 'a>,
+}
+
+impl<'a> Ceiling<'a> {
+    fn one(
+        key: &'static str,
+        label: &'static str,
+        measure: impl Fn() -> Result<f64, String> + 'a,
+    ) -> Ceiling<'a> {
+        Ceiling {
+            rows: vec![(key, label)],
+            warm: false,
+            measure: Box::new(move || measure().map(|v| vec![v])),
+        }
+    }
+
+    fn warm(mut self) -> Ceiling<'a> {
+        self.warm = true;
+        self
+    }
+}
+
+/// Every ceiling, in the order they are measured and reported.
+fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
+    let (dir, s, cleanup) = (options.dir.as_path(), options.scale, options.cleanup);
+    let (polled, exchanges, stored) = (SPIN_FOR_NEXT_REQUEST, scaled(20000, s), scaled(5000, s));
+    let stored_in = |name: &str| dir.join(name);
+    vec![
+        Ceiling::one(
+            "tcp_loopback_mb_s",
+            "loopback TCP, 1 MiB writes, MB/s",
+            move || tcp_loopback(scaled(4096, s) * MIB),
+        )
+        .warm(),
+        Ceiling::one(
+            "page_cache_write_mb_s",
+            "page-cache write, MB/s",
+            move || sequential_write(dir, scaled(1024, s) * MIB, false),
+        )
+        .warm(),
+        Ceiling::one(
+            "write_fdatasync_mb_s",
+            "write + one fdatasync, MB/s",
+            move || sequential_write(dir, scaled(1024, s) * MIB, true),
+        )
+        .warm(),
+        Ceiling::one(
+            "direct_write_mb_s",
+            "O_DIRECT 1 MiB writes, 2 in flight, + fdatasync, MB/s",
+            move || direct_write(dir, scaled(1024, s) * MIB),
+        )
+        .warm(),
+        Ceiling::one(
+            "create_write_rename_4k_per_s",
+            "create+write+rename 4 KB files/s",
+            move || create_rename(dir, 4096, scaled(20000, s), cleanup),
+        ),
+        Ceiling::one(
+            "create_write_rename_512k_per_s",
+            "create+write+rename 512 KB files/s",
+            move || create_rename(dir, 512 * 1024, scaled(1000, s), cleanup),
+        ),
+        Ceiling {
+            rows: vec![
+                ("fsync_file_ms_p50", "fsync of a new 4 KB file, ms, median"),
+                ("fsync_file_ms_p90", "fsync of a new 4 KB file, ms, p90"),
+                (
+                    "fsync_dir_ms_p50",
+                    "fsync of its directory after rename, ms, median",
+                ),
+                (
+                    "fsync_dir_ms_p90",
+                    "fsync of its directory after rename, ms, p90",
+                ),
+                (
+                    "durable_store_ms_p50",
+                    "create+write+fsync+rename+dir fsync, ms, median",
+                ),
+                (
+                    "durable_store_ms_p90",
+                    "create+write+fsync+rename+dir fsync, ms, p90",
+                ),
+                ("durable_4k_per_s", "durable 4 KB files/s, one at a time"),
+            ],
+            warm: false,
+            measure: Box::new(move || {
+                let (latencies, per_second) = fsync_latency(dir, scaled(300, s), cleanup)?;
+                Ok(latencies.into_iter().chain([per_second]).collect())
+            }),
+        },
+        Ceiling::one(
+            "durable_4k_x4_per_s",
+            "durable 4 KB files/s, 4 writers",
+            move || durable_parallel(dir, 4096, 4, scaled(1200, s), cleanup),
+        ),
+        Ceiling::one(
+            "durable_512k_x4_per_s",
+            "durable 512 KB files/s, 4 writers",
+            move || durable_parallel(dir, 512 * 1024, 4, scaled(600, s), cleanup),
+        ),
+        Ceiling::one(
+            "store_with_registry_x1_per_s",
+            "4 KB O_TMPFILE + registry symlink + link/s, 1 writer",
+            move || store_with_registry(dir, 1, true, scaled(5000, s), cleanup),
+        ),
+        Ceiling::one(
+            "store_with_registry_x4_per_s",
+            "4 KB O_TMPFILE + registry symlink + link/s, 4 writers",
+            move || store_with_registry(dir, 4, true, scaled(5000, s), cleanup),
+        ),
+        Ceiling::one(
+            "store_without_registry_x1_per_s",
+            "4 KB O_TMPFILE + link (no registry symlink)/s, 1 writer",
+            move || store_with_registry(dir, 1, false, scaled(5000, s), cleanup),
+        ),
+        Ceiling::one(
+            "store_without_registry_x4_per_s",
+            "4 KB O_TMPFILE + link (no registry symlink)/s, 4 writers",
+            move || store_with_registry(dir, 4, false, scaled(5000, s), cleanup),
+        ),
+        Ceiling::one(
+            "round_trips_x1_per_s",
+            "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
+            move || loopback_round_trips(1, exchanges, polled, None, cleanup),
+        ),
+        Ceiling::one(
+            "round_trips_x4_per_s",
+            "loopback 3 KB request + 100 B answer/s, 4 pairs",
+            move || loopback_round_trips(4, exchanges, Duration::ZERO, None, cleanup),
+        ),
+        Ceiling::one(
+            "stored_round_trips_x1_per_s",
+            "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
+            move || {
+                let into = stored_in("ceiling-stored-x1");
+                loopback_round_trips(1, stored, polled, Some(&into), cleanup)
+            },
+        ),
+        Ceiling::one(
+            "stored_round_trips_x4_per_s",
+            "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
+            move || {
+                let into = stored_in("ceiling-stored-x4");
+                loopback_round_trips(4, stored, Duration::ZERO, Some(&into), cleanup)
+            },
+        ),
+    ]
+}
+
+/// Whether the row `key` is asked for: every row when `only` is empty.
+fn wanted(only: &[String], key: &str) -> bool {
+    only.is_empty() || only.iter().any(|k| k == key)
+}
+
+/// The ceilings that yield at least one of the rows in `only` (all when it is empty), in
+/// their order; an unknown key is an error that lists the known ones.
+fn select<'c, 'a>(all: &'c [Ceiling<'a>], only: &[String]) -> Result<Vec<&'c Ceiling<'a>>, String> {
+    let keys = || all.iter().flat_map(|c| c.rows.iter().map(|r| r.0));
+    if let Some(unknown) = only.iter().find(|key| !keys().any(|k| k == key.as_str())) {
+        let known: Vec<&str> = keys().collect();
+        return Err(format!(
+            "ceilings --only: unknown {unknown}; known: {}",
+            known.join(", ")
+        ));
+    }
+    Ok(all
+        .iter()
+        .filter(|c| c.rows.iter().any(|(key, _)| wanted(only, key)))
+        .collect())
+}
+
 pub fn main(argv: &[String]) -> Result<bool, String> {
     let options = parse(argv)?;
     fs::create_dir_all(&options.dir).map_err(|e| err("mkdir", &options.dir, e))?;
-    let s = options.scale;
-    // Untimed: the first write into never-touched guest memory is much slower than steady
-    // state on a virtual machine (pages faulted in from the host); every benchmark run after
-    // the first sees warm memory, so the ceilings should too.
-    sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
-    let tcp = tcp_loopback(scaled(4096, s) * MIB)?;
-    let page_cache = sequential_write(&options.dir, scaled(1024, s) * MIB, false)?;
-    let datasync = sequential_write(&options.dir, scaled(1024, s) * MIB, true)?;
-    let direct = direct_write(&options.dir, scaled(1024, s) * MIB)?;
-    let (dir, cleanup) = (&options.dir, options.cleanup);
-    let small_files = create_rename(&options.dir, 4096, scaled(20000, s), cleanup)?;
-    let medium_files = create_rename(&options.dir, 512 * 1024, scaled(1000, s), cleanup)?;
-    let (fsync, durable_per_s) = fsync_latency(&options.dir, scaled(300, s), cleanup)?;
-    let durable_4k_x4 = durable_parallel(&options.dir, 4096, 4, scaled(1200, s), cleanup)?;
-    let durable_512k_x4 = durable_parallel(&options.dir, 512 * 1024, 4, scaled(600, s), cleanup)?;
-    let registry_x1 = store_with_registry(&options.dir, 1, true, scaled(5000, s), cleanup)?;
-    let registry_x4 = store_with_registry(&options.dir, 4, true, scaled(5000, s), cleanup)?;
-    let bare_x1 = store_with_registry(&options.dir, 1, false, scaled(5000, s), cleanup)?;
-    let bare_x4 = store_with_registry(&options.dir, 4, false, scaled(5000, s), cleanup)?;
-    let (polled, exchanges) = (SPIN_FOR_NEXT_REQUEST, scaled(20000, s));
-    let round_trips_x1 = loopback_round_trips(1, exchanges, polled, None, cleanup)?;
-    let round_trips_x4 = loopback_round_trips(4, exchanges, Duration::ZERO, None, cleanup)?;
-    let (x1, x4) = (dir.join("ceiling-stored-x1"), dir.join("ceiling-stored-x4"));
-    let stored = scaled(5000, s);
-    let stored_x1 = loopback_round_trips(1, stored, polled, Some(&x1), cleanup)?;
-    let stored_x4 = loopback_round_trips(4, stored, Duration::ZERO, Some(&x4), cleanup)?;
+    let all = ceilings(&options);
+    let chosen = select(&all, &options.only)?;
+    if chosen.iter().any(|c| c.warm) {
+        // Untimed: the first write into never-touched guest memory is much slower than
+        // steady state on a virtual machine (pages faulted in from the host); every
+        // benchmark run after the first sees warm memory, so the ceilings should too.
+        sequential_write(&options.dir, scaled(1024, options.scale) * MIB, false)?;
+    }
+    let mut rows: Vec<(&str, f64, &str)> = Vec::new();
+    for ceiling in chosen {
+        let values = (ceiling.measure)()?;
+        for (&(key, label), value) in ceiling.rows.iter().zip(values) {
+            if wanted(&options.only, key) {
+                rows.push((key, value, label));
+            }
+        }
+    }
     sync_all_disks();
-    let rows: [(&str, f64, &str); 23] = [
-        ("tcp_loopback_mb_s", tcp, "loopback TCP, 1 MiB writes, MB/s"),
-        (
-            "page_cache_write_mb_s",
-            page_cache,
-            "page-cache write, MB/s",
-        ),
-        (
-            "write_fdatasync_mb_s",
-            datasync,
-            "write + one fdatasync, MB/s",
-        ),
-        (
-            "direct_write_mb_s",
-            direct,
-            "O_DIRECT 1 MiB writes, 2 in flight, + fdatasync, MB/s",
-        ),
-        (
-            "create_write_rename_4k_per_s",
-            small_files,
-            "create+write+rename 4 KB files/s",
-        ),
-        (
-            "create_write_rename_512k_per_s",
-            medium_files,
-            "create+write+rename 512 KB files/s",
-        ),
-        (
-            "fsync_file_ms_p50",
-            fsync[0],
-            "fsync of a new 4 KB file, ms, median",
-        ),
-        (
-            "fsync_file_ms_p90",
-            fsync[1],
-            "fsync of a new 4 KB file, ms, p90",
-        ),
-        (
-            "fsync_dir_ms_p50",
-            fsync[2],
-            "fsync of its directory after rename, ms, median",
-        ),
-        (
-            "fsync_dir_ms_p90",
-            fsync[3],
-            "fsync of its directory after rename, ms, p90",
-        ),
-        (
-            "durable_store_ms_p50",
-            fsync[4],
-            "create+write+fsync+rename+dir fsync, ms, median",
-        ),
-        (
-            "durable_store_ms_p90",
-            fsync[5],
-            "create+write+fsync+rename+dir fsync, ms, p90",
-        ),
-        (
-            "durable_4k_per_s",
-            durable_per_s,
-            "durable 4 KB files/s, one at a time",
-        ),
-        (
-            "durable_4k_x4_per_s",
-            durable_4k_x4,
-            "durable 4 KB files/s, 4 writers",
-        ),
-        (
-            "durable_512k_x4_per_s",
-            durable_512k_x4,
-            "durable 512 KB files/s, 4 writers",
-        ),
-        (
-            "store_with_registry_x1_per_s",
-            registry_x1,
-            "4 KB O_TMPFILE + registry symlink + link/s, 1 writer",
-        ),
-        (
-            "store_with_registry_x4_per_s",
-            registry_x4,
-            "4 KB O_TMPFILE + registry symlink + link/s, 4 writers",
-        ),
-        (
-            "store_without_registry_x1_per_s",
-            bare_x1,
-            "4 KB O_TMPFILE + link (no registry symlink)/s, 1 writer",
-        ),
-        (
-            "store_without_registry_x4_per_s",
-            bare_x4,
-            "4 KB O_TMPFILE + link (no registry symlink)/s, 4 writers",
-        ),
-        (
-            "round_trips_x1_per_s",
-            round_trips_x1,
-            "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
-        ),
-        (
-            "round_trips_x4_per_s",
-            round_trips_x4,
-            "loopback 3 KB request + 100 B answer/s, 4 pairs",
-        ),
-        (
-            "stored_round_trips_x1_per_s",
-            stored_x1,
-            "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
-        ),
-        (
-            "stored_round_trips_x4_per_s",
-            stored_x4,
-            "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
-        ),
-    ];
     if options.json {
         let fields: Vec<String> = rows
             .iter()
             .map(|(key, value, _)| format!("\"{key}\": {value:.3}"))
-            .chain(std::iter::once(format!("\"scale\": {s}")))
+            .chain(std::iter::once(format!("\"scale\": {}", options.scale)))
             .collect();
         // The labels go along so that reports need no copy of their own.
         let labels: Vec<String> = rows
@@ -704,4 +770,52 @@ pub fn main(argv: &[String]) -> Result<bool, String> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn options(only: &[&str]) -> Options {
+        let mut argv = vec!["--dir".to_owned(), "/nonexistent".to_owned()];
+        if !only.is_empty() {
+            argv.extend(["--only".to_owned(), only.join(",")]);
+        }
+        parse(&argv).expect("valid arguments")
+    }
+
+    fn first_keys(chosen: &[&Ceiling<'_>]) -> Vec<&'static str> {
+        chosen.iter().map(|c| c.rows[0].0).collect()
+    }
+
+    #[test]
+    fn only_selects_the_measurements_of_its_rows() {
+        let o = options(&["durable_4k_per_s", "direct_write_mb_s"]);
+        let all = ceilings(&o);
+        let chosen = select(&all, &o.only).expect("known keys");
+        // The fsync latencies and durable_4k_per_s are one timed sequence.
+        assert_eq!(
+            first_keys(&chosen),
+            ["direct_write_mb_s", "fsync_file_ms_p50"]
+        );
+        assert!(wanted(&o.only, "durable_4k_per_s"));
+        assert!(!wanted(&o.only, "fsync_file_ms_p50"));
+    }
+
+    #[test]
+    fn no_only_selects_everything() {
+        let o = options(&[]);
+        let all = ceilings(&o);
+        assert_eq!(select(&all, &o.only).expect("all").len(), all.len());
+    }
+
+    #[test]
+    fn unknown_key_lists_the_known_ones() {
+        let o = options(&["durable_4k_per_s", "disk_speed"]);
+        let all = ceilings(&o);
+        let why = select(&all, &o.only).err().expect("refused");
+        assert!(why.contains("unknown disk_speed"), "{why}");
+        assert!(why.contains("stored_round_trips_x4_per_s"), "{why}");
+    }
 }

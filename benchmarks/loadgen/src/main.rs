@@ -23,7 +23,7 @@ use sender::{Context, Message, Outcome, Params};
 
 const USAGE: &str = "\
 usage: storescp-loadgen --port P --files PATH [--files PATH ...] [options]
-       storescp-loadgen ceilings --dir DIR [--scale F] [--json] [--no-cleanup]
+       storescp-loadgen ceilings --dir DIR [--scale F] [--only KEY,...] [--json] [--no-cleanup]
 
 Sends every instance once (times --repeat) as C-STORE-RQ, the data set bytes unchanged.
 
@@ -45,6 +45,9 @@ options:
                          pieces, as dcmtk's storescu does: the command PDU, then each data
                          set fragment as its 12 header bytes and then its value
   --json                 print one JSON object instead of a line of text
+
+ceilings: --only takes the keys of the rows to measure (default all; an unknown key lists
+them); --no-cleanup leaves the files made for the caller to remove.
 ";
 
 /// Parsed command line of the send mode.
