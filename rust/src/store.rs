@@ -894,7 +894,7 @@ enum TempName {
 /// large, 1 assoc, 6 interleaved runs: 9.95 img/s at 1 MB, 9.3 at 2 MB, 8.65 at 8 MB;
 /// small (~444 KB), 4 assoc, 256 KB against 1 MB: pairwise medians 1.08 in 14 and in 7
 /// interleaved pairs; large instances (only their first 4 MB cached) unchanged.
-const WRITEBACK_CHUNK: u64 = 256 << 10;
+pub const WRITEBACK_CHUNK: u64 = 256 << 10;
 
 /// With fsync on, the bytes of an instance past this offset bypass the page cache
 /// ([`DirectWriter`]); smaller instances, and the start of larger ones, go through it.

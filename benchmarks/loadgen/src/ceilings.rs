@@ -16,7 +16,10 @@
 //! - loopback exchanges of a 3 KB request and a 100-byte answer, one at a time, from 1
 //!   pair of threads (the responder polling for the next request, as storescp's lone
 //!   association does) and from 4 (nobody polling): the network's part of a tiny
-//!   instance's round trip.
+//!   instance's round trip;
+//! - the same exchanges with each request stored as storescp stores it before the answer:
+//!   tiny ones with fsync off from 1 and 4 pairs, and 512 KB ones durably from 4 pairs
+//!   (what the network and the store allow together, for tiny x1, tiny x4 and small x4).
 //!
 //! File creation is slow for a while after many files were deleted on an ext4 without a
 //! journal (the allocator skips inodes deleted in the last 60 s, 360 s while their inode
@@ -39,7 +42,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use _core::direct_write::ALIGN;
-use _core::store::link_anonymous;
+use _core::store::{link_anonymous, WRITEBACK_CHUNK};
 
 const MIB: usize = 1 << 20;
 
@@ -362,7 +365,7 @@ fn durable_parallel(
 const REGISTRY_TARGET_LEN: usize = 170;
 
 /// Instances per second, all writers together, of the filesystem work storescp does for
-/// each instance with fsync off, `writers` threads at once ([`store_tiny`], 4 KB each,
+/// each instance with fsync off, `writers` threads at once ([`store_instance`], 4 KB each,
 /// with or without the registry symlink: what the duplicate registry costs); nothing
 /// synced. With one writer, the filesystem's part of the tiny x1 round trip; with 4,
 /// what the two cores allow for tiny x4 before any byte is received.
@@ -381,7 +384,7 @@ fn store_with_registry(
         let series = sub.join(format!("series-{w}"));
         fs::create_dir(&series).map_err(|e| err("mkdir", &series, e))?;
         for i in 0..per_writer {
-            store_tiny(&sub, &series, &buffer, w * per_writer + i, registry)?;
+            store_instance(&sub, &series, &buffer, w * per_writer + i, registry)?;
         }
         Ok(())
     };
@@ -400,23 +403,44 @@ fn tiny_store_dirs(sub: &Path) -> Result<PathBuf, String> {
     Ok(sub)
 }
 
-/// Stores `bytes` as storescp stores instance number `k` with fsync off: an anonymous
-/// file (`O_TMPFILE`) in `sub` with the bytes written, a registry symlink (unless
-/// `registry` is false) in folder `k % 256` of `sub/sop`, and a link of the file under its
-/// final name in `series`, which is created when missing.
-fn store_tiny(
+/// An anonymous file (`O_TMPFILE`) in `sub`, as storescp opens one per instance.
+fn open_instance(sub: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(sub)
+        .map_err(|e| err("open (O_TMPFILE)", sub, e))
+}
+
+/// Stores `bytes` as storescp stores instance number `k` ([`place_instance`]).
+fn store_instance(
     sub: &Path,
     series: &Path,
     bytes: &[u8],
     k: usize,
     registry: bool,
 ) -> Result<(), String> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .open(sub)
-        .map_err(|e| err("open (O_TMPFILE)", sub, e))?;
+    let mut file = open_instance(sub)?;
     file.write_all(bytes).map_err(|e| err("write", sub, e))?;
+    place_instance(sub, series, &file, k, registry, false)
+}
+
+/// Places `file` (from [`open_instance`], written) as storescp places instance number
+/// `k`: a registry symlink (unless `registry` is false) in folder `k % 256` of
+/// `sub/sop`, and a link of the file under its final name in `series`, which is created
+/// when missing. With `durable`, as with fsync on: the file's data is synced before the
+/// link, and the directories whose entries changed after it.
+fn place_instance(
+    sub: &Path,
+    series: &Path,
+    file: &File,
+    k: usize,
+    registry: bool,
+    durable: bool,
+) -> Result<(), String> {
+    if durable {
+        file.sync_data().map_err(|e| err("fdatasync", sub, e))?;
+    }
     let uid = format!("1.2.826.0.1.3680043.8.498.{k:0>30}");
     if registry {
         let link = sub.join(format!("sop/{:02x}/{uid}", k % 256));
@@ -424,19 +448,52 @@ fn store_tiny(
         std::os::unix::fs::symlink(&target, &link).map_err(|e| err("symlink", &link, e))?;
     }
     let name = series.join(format!("{uid}.dcm"));
-    match link_anonymous(&file, &name) {
+    let mut changed = vec![series];
+    match link_anonymous(file, &name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             match fs::create_dir(series) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
                     return Err(err("mkdir", series, e))
                 }
-                _ => {}
+                Err(_) => {}
+                Ok(()) => changed.push(sub),
             }
-            link_anonymous(&file, &name)
+            link_anonymous(file, &name)
         }
         linked => linked,
     }
-    .map_err(|e| err("linkat", &name, e))
+    .map_err(|e| err("linkat", &name, e))?;
+    if durable {
+        for dir in changed {
+            let synced = File::open(dir).and_then(|d| d.sync_all());
+            synced.map_err(|e| err("fsync", dir, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Receives a `len`-byte request into a new instance file as storescp receives a small
+/// instance with fsync on: each [`WRITEBACK_CHUNK`] written as it arrives and its write
+/// to the device started at once, so that the final `fdatasync` finds most of it done.
+fn receive_durably(
+    stream: &mut TcpStream,
+    sub: &Path,
+    chunk: &mut [u8],
+    len: usize,
+) -> Result<File, String> {
+    let mut file = open_instance(sub)?;
+    let mut received = 0;
+    while received < len {
+        let part = &mut chunk[..(len - received).min(WRITEBACK_CHUNK as usize)];
+        stream.read_exact(part).map_err(|e| format!("recv: {e}"))?;
+        file.write_all(part).map_err(|e| err("write", sub, e))?;
+        let (fd, at, n) = (file.as_raw_fd(), received as i64, part.len() as i64);
+        // A failure is only a lost hint, as in storescp.
+        // SAFETY: sync_file_range only reads the descriptor number of the open `file`.
+        unsafe { libc::sync_file_range(fd, at, n, libc::SYNC_FILE_RANGE_WRITE) };
+        received += part.len();
+    }
+    Ok(file)
 }
 
 /// Instances per series in [`loopback_round_trips`], as in the benchmark corpora.
@@ -477,25 +534,49 @@ fn read_polling(stream: &mut TcpStream, buf: &mut [u8], spin: Duration) -> Resul
         .map_err(|e| format!("recv: {e}"))
 }
 
+/// What each exchange of [`loopback_round_trips`] is made of.
+#[derive(Clone, Copy)]
+struct Exchange<'p> {
+    /// Bytes of the request: a tiny instance with its command ([`TINY_REQUEST`]), or a
+    /// small one.
+    request: usize,
+    /// The responder first stores the request as an instance below this folder
+    /// ([`store_instance`]), as storescp does before it answers.
+    store: Option<&'p Path>,
+    /// Stored durably, as with fsync on, each part written as it arrives
+    /// ([`receive_durably`]).
+    durable: bool,
+}
+
+impl<'p> Exchange<'p> {
+    fn tiny(store: Option<&'p Path>) -> Exchange<'p> {
+        Exchange {
+            request: TINY_REQUEST,
+            store,
+            durable: false,
+        }
+    }
+}
+
 /// Exchanges per second over loopback TCP, all pairs together: each of `pairs` senders
-/// writes a 3 KB request and waits for a 100-byte answer from its own responder thread,
+/// writes a request and waits for a 100-byte answer from its own responder thread,
 /// `count` exchanges in all. The senders never poll; the responders poll for up to
 /// `spin` before they sleep, as storescp's lone association does (zero: never). With one
-/// pair, the network's part of the tiny x1 round trip. With `store`, each responder first
-/// stores the request as a tiny instance below that folder ([`store_tiny`]), as storescp
-/// does before it answers: both parts of the round trip, one after the other (that
-/// folder is removed after if `cleanup`). The instances are dealt to the pairs in turn and
-/// go 100 to a series folder, as the harness's corpus goes to storescp's associations.
+/// pair and a tiny request, the network's part of the tiny x1 round trip. With a folder
+/// to store into, both parts of the round trip, one after the other (that folder is
+/// removed after if `cleanup`). The instances are dealt to the pairs in turn and go 100
+/// to a series folder, as the harness's corpus goes to storescp's associations.
 fn loopback_round_trips(
     pairs: usize,
     count: usize,
     spin: Duration,
-    store: Option<&Path>,
+    exchange: Exchange<'_>,
     cleanup: bool,
 ) -> Result<f64, String> {
     let per_pair = count.div_ceil(pairs);
-    let sub = store.map(tiny_store_dirs).transpose()?;
-    let exchange = |pair: usize| -> Result<(), String> {
+    let sub = exchange.store.map(tiny_store_dirs).transpose()?;
+    let (request_len, durable) = (exchange.request, exchange.durable);
+    let pair_up = |pair: usize| -> Result<(), String> {
         let sub = sub.clone();
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
         let address = listener
@@ -506,16 +587,23 @@ fn loopback_round_trips(
             stream
                 .set_nodelay(true)
                 .map_err(|e| format!("nodelay: {e}"))?;
-            let mut request = vec![0u8; TINY_REQUEST];
+            let mut request = vec![0u8; request_len];
             let answer = [0x02u8; TINY_ANSWER];
             for i in 0..per_pair {
-                read_polling(&mut stream, &mut request, spin)?;
-                if let Some(sub) = &sub {
-                    // Dealt round-robin like the load generator's instances, so that
-                    // the pairs share the series folder of the moment as associations do.
-                    let n = i * pairs + pair;
-                    let series = sub.join(format!("series-{}", n / INSTANCES_PER_SERIES));
-                    store_tiny(sub, &series, &request, n, true)?;
+                // Dealt round-robin like the load generator's instances, so that the
+                // pairs share the series folder of the moment as associations do.
+                let n = i * pairs + pair;
+                let series = |sub: &Path| sub.join(format!("series-{}", n / INSTANCES_PER_SERIES));
+                match &sub {
+                    Some(sub) if durable => {
+                        let file = receive_durably(&mut stream, sub, &mut request, request_len)?;
+                        place_instance(sub, &series(sub), &file, n, true, true)?;
+                    }
+                    Some(sub) => {
+                        read_polling(&mut stream, &mut request, spin)?;
+                        store_instance(sub, &series(sub), &request, n, true)?;
+                    }
+                    None => read_polling(&mut stream, &mut request, spin)?,
                 }
                 stream
                     .write_all(&answer)
@@ -527,7 +615,7 @@ fn loopback_round_trips(
         stream
             .set_nodelay(true)
             .map_err(|e| format!("nodelay: {e}"))?;
-        let request = vec![0x04u8; TINY_REQUEST];
+        let request = vec![0x04u8; request_len];
         let mut answer = [0u8; TINY_ANSWER];
         for _ in 0..per_pair {
             stream
@@ -542,14 +630,13 @@ fn loopback_round_trips(
             .map_err(|_| "responder thread panicked".to_owned())?
     };
     let started = Instant::now();
-    on_threads(pairs, exchange)?;
+    on_threads(pairs, pair_up)?;
     match &sub {
         Some(sub) => per_second_then_cleanup(per_pair * pairs, started, sub, cleanup),
         None => Ok((per_pair * pairs) as f64 / started.elapsed().as_secs_f64()),
     }
 }
 
-/// Runs every measurement and prints them; returns Ok(true) when all ran.
 /// One measurement: the rows it yields (key and label of each) and how to take it. Several
 /// rows come from one measurement where they are figures of the same timed sequence.
 struct Ceiling<'a> {
@@ -679,19 +766,22 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
         Ceiling::one(
             "round_trips_x1_per_s",
             "loopback 3 KB request + 100 B answer/s, 1 pair, polled",
-            move || loopback_round_trips(1, exchanges, polled, None, cleanup),
+            move || loopback_round_trips(1, exchanges, polled, Exchange::tiny(None), cleanup),
         ),
         Ceiling::one(
             "round_trips_x4_per_s",
             "loopback 3 KB request + 100 B answer/s, 4 pairs",
-            move || loopback_round_trips(4, exchanges, Duration::ZERO, None, cleanup),
+            move || {
+                let tiny = Exchange::tiny(None);
+                loopback_round_trips(4, exchanges, Duration::ZERO, tiny, cleanup)
+            },
         ),
         Ceiling::one(
             "stored_round_trips_x1_per_s",
             "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
             move || {
                 let into = stored_in("ceiling-stored-x1");
-                loopback_round_trips(1, stored, polled, Some(&into), cleanup)
+                loopback_round_trips(1, stored, polled, Exchange::tiny(Some(&into)), cleanup)
             },
         ),
         Ceiling::one(
@@ -699,7 +789,21 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
             "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
             move || {
                 let into = stored_in("ceiling-stored-x4");
-                loopback_round_trips(4, stored, Duration::ZERO, Some(&into), cleanup)
+                let tiny = Exchange::tiny(Some(&into));
+                loopback_round_trips(4, stored, Duration::ZERO, tiny, cleanup)
+            },
+        ),
+        Ceiling::one(
+            "durable_stored_round_trips_512k_x4_per_s",
+            "loopback 512 KB request stored durably as an instance + answer/s, 4 pairs",
+            move || {
+                let into = stored_in("ceiling-durable-stored-x4");
+                let small = Exchange {
+                    request: 512 * 1024,
+                    store: Some(&into),
+                    durable: true,
+                };
+                loopback_round_trips(4, scaled(600, s), Duration::ZERO, small, cleanup)
             },
         ),
     ]
@@ -727,6 +831,7 @@ fn select<'c, 'a>(all: &'c [Ceiling<'a>], only: &[String]) -> Result<Vec<&'c Cei
         .collect())
 }
 
+/// Runs the measurements asked for and prints them; returns Ok(true) when all ran.
 pub fn main(argv: &[String]) -> Result<bool, String> {
     let options = parse(argv)?;
     fs::create_dir_all(&options.dir).map_err(|e| err("mkdir", &options.dir, e))?;
