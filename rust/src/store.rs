@@ -461,7 +461,8 @@ impl Store {
             header: header.to_vec(),
             size: 0,
             placed: false,
-            written_back: self.config.fsync.then_some(0),
+            durable: self.config.fsync,
+            written_back: 0,
             direct: None,
         };
         Ok(incoming)
@@ -917,8 +918,12 @@ pub struct Incoming {
     header: Vec<u8>,
     size: u64,
     placed: bool,
-    /// Offset up to which writeback was started; None when fsync is off.
-    written_back: Option<u64>,
+    /// With fsync on, the bytes go to the device while the instance arrives: writeback
+    /// is started every [`WRITEBACK_CHUNK`], and past [`DIRECT_FROM`] they are written
+    /// directly.
+    durable: bool,
+    /// Offset up to which writeback was started (with fsync on).
+    written_back: u64,
     /// The direct writes past [`DIRECT_FROM`], once the instance got there.
     direct: Option<Box<DirectWriter>>,
 }
@@ -962,9 +967,9 @@ impl Incoming {
     /// with fsync on none past [`DIRECT_FROM`].
     fn through_cache(&self, len: usize) -> usize {
         let reached = self.size + self.header.len() as u64;
-        match (&self.direct, self.written_back) {
+        match (&self.direct, self.durable) {
             (Some(_), _) => 0,
-            (None, Some(_)) if reached <= DIRECT_FROM && reached + len as u64 > DIRECT_FROM => {
+            (None, true) if reached <= DIRECT_FROM && reached + len as u64 > DIRECT_FROM => {
                 (DIRECT_FROM - reached) as usize
             }
             _ => len,
@@ -983,27 +988,25 @@ impl Incoming {
         let count = 1 + fragments.len().min(FRAGMENTS_PER_WRITE);
         write_all_vectored(&mut self.file, &mut slices[..count])?;
         self.size += slices[..count].iter().map(|s| s.len() as u64).sum::<u64>();
-        if let Some(start) = self.written_back {
-            if self.size - start >= WRITEBACK_CHUNK {
-                self.start_writeback(start);
-            }
+        if self.durable && self.size - self.written_back >= WRITEBACK_CHUNK {
+            self.start_writeback();
         }
         Ok(())
     }
 
-    /// Starts the write to the device of the cached bytes from `start` on.
-    fn start_writeback(&mut self, start: u64) {
+    /// Starts the write to the device of the cached bytes not yet started.
+    fn start_writeback(&mut self) {
         // Only a hint that overlaps disk writes with the network; durability still
         // comes from the fdatasync at commit, so a failure is ignored.
-        let fd = self.file.as_raw_fd();
+        let (fd, start) = (self.file.as_raw_fd(), self.written_back);
         let _ = sync_range(fd, start, self.size - start, libc::SYNC_FILE_RANGE_WRITE);
-        self.written_back = Some(self.size);
+        self.written_back = self.size;
     }
 
     /// Switches to direct writes at [`DIRECT_FROM`], where the filesystem allows.
     fn start_direct(&mut self) -> io::Result<()> {
-        if let Some(start) = self.written_back {
-            self.start_writeback(start);
+        if self.durable {
+            self.start_writeback();
         }
         self.direct = DirectWriter::start(&self.file, self.size)?;
         Ok(())
