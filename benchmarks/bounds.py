@@ -97,42 +97,41 @@ def _median_range(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarize(
+    scenario: str,
+    metric: str,
     measured: list[BoundResult],
     runs: Sequence[Run],
-    metric: str,
     durable: dict[str, bool],
 ) -> dict[str, dict[str, Any]]:
-    """scenario -> key -> {label, durable, value, allows (bound / dcmtk), share: {server:
-    server / bound}}, each (median, min, max) of per-run ratios. ``durable`` maps each
-    server to whether it makes instances durable; a server is set against the bounds of
-    its own kind only."""
+    """The bounds of ``scenario``: key -> {label, durable, value, allows (bound / dcmtk),
+    share: {server: server / bound}}, each (median, min, max) over the runs, run k against
+    run k (in ``metric``, the scenario's). ``durable`` maps each server to whether it makes
+    instances durable; a server is set against the bounds of its own kind only."""
     summary: dict[str, dict[str, Any]] = {}
-    for result in measured:
-        bound = next(b for b in BOUNDS[result.scenario] if b.key == result.key)
-        entry = summary.setdefault(result.scenario, {}).setdefault(
-            result.key,
-            {
-                "label": result.label,
-                "durable": bound.durable,
-                "values": [],
-                "allows": [],
-                "share": {},
-            },
-        )
-        entry["values"].append(result.value)
-        for r in runs:
-            if r.scenario != result.scenario or r.run != result.run or not r.ok:
+    for bound in BOUNDS.get(scenario, ()):
+        values: list[float] = []
+        allows: list[float] = []
+        share: dict[str, list[float]] = {}
+        for result in measured:
+            if result.scenario != scenario or result.key != bound.key:
                 continue
-            ours = float(getattr(r, metric))
-            if r.server == "dcmtk" and ours > 0:
-                entry["allows"].append(result.value / ours)
-            if durable.get(r.server) == bound.durable and result.value > 0:
-                entry["share"].setdefault(r.server, []).append(ours / result.value)
-    for per_key in summary.values():
-        for entry in per_key.values():
-            entry["value"] = _median_range(entry.pop("values"))
-            entry["allows"] = _median_range(entry["allows"])
-            entry["share"] = {s: _median_range(v) for s, v in entry["share"].items()}
+            values.append(result.value)
+            for r in runs:
+                if r.scenario != scenario or r.run != result.run or not r.ok:
+                    continue
+                ours = float(getattr(r, metric))
+                if r.server == "dcmtk" and ours > 0:
+                    allows.append(result.value / ours)
+                if durable.get(r.server) == bound.durable and result.value > 0:
+                    share.setdefault(r.server, []).append(ours / result.value)
+        if values:
+            summary[bound.key] = {
+                "label": next(m.label for m in measured if m.key == bound.key),
+                "durable": bound.durable,
+                "value": _median_range(values),
+                "allows": _median_range(allows),
+                "share": {server: _median_range(v) for server, v in share.items()},
+            }
     return summary
 
 

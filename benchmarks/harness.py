@@ -938,9 +938,7 @@ def _main(argv: list[str] | None = None) -> int:
     summary = summarize(results, scenarios, servers)
     durable = {spec.name: spec.durable for spec in servers}
     bound_summary = {
-        s.name: bounds_mod.summarize(
-            [b for b in measured_bounds if b.scenario == s.name], results, s.metric, durable
-        ).get(s.name, {})
+        s.name: bounds_mod.summarize(s.name, s.metric, measured_bounds, results, durable)
         for s in scenarios
     }
     report = markdown(summary, scenarios, servers, skipped, bound_summary)
