@@ -16,7 +16,7 @@ lint: ## cargo fmt/clippy, ruff, mypy
 	$(VENV)/bin/ruff check python tests benchmarks
 	$(VENV)/bin/mypy --strict python/storescp
 
-bench: ## Throughput against dcmtk storescp (see benchmarks/README.md)
-	$(VENV)/bin/python benchmarks/harness.py
+bench: ## Throughput against dcmtk storescp, with the bounds of each round (benchmarks/README.md)
+	$(VENV)/bin/python benchmarks/harness.py --bounds
 
 .PHONY: help test develop lint bench
