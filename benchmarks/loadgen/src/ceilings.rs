@@ -544,7 +544,7 @@ struct Exchange<'p> {
     /// ([`store_instance`]), as storescp does before it answers.
     store: Option<&'p Path>,
     /// Stored durably, as with fsync on, each part written as it arrives
-    /// ([`receive_durably`]).
+    /// ([`receive_durably`]; the responder then reads without polling).
     durable: bool,
 }
 
