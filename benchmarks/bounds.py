@@ -12,12 +12,13 @@ on this machine in that run.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from medians import median_range
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,6 @@ def measure(
     ]
 
 
-def _median_range(values: list[float]) -> tuple[float, float, float]:
-    if not values:
-        return (float("nan"),) * 3
-    return statistics.median(values), min(values), max(values)
-
-
 def summarize(
     scenario: str,
     metric: str,
@@ -128,9 +123,9 @@ def summarize(
             summary[bound.key] = {
                 "label": next(m.label for m in measured if m.key == bound.key),
                 "durable": bound.durable,
-                "value": _median_range(values),
-                "allows": _median_range(allows),
-                "share": {server: _median_range(v) for server, v in share.items()},
+                "value": median_range(values),
+                "allows": median_range(allows),
+                "share": {server: median_range(v) for server, v in share.items()},
             }
     return summary
 

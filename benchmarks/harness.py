@@ -39,7 +39,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -55,6 +54,7 @@ sys.path.insert(0, str(HERE))
 
 import bounds as bounds_mod  # noqa: E402
 import corpus as corpus_mod  # noqa: E402
+from medians import median_range  # noqa: E402
 
 DCMTK_STORESCP = "/usr/bin/storescp"
 AE_TITLE = "BENCH"
@@ -606,12 +606,6 @@ def run_once(
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def median_range(values: list[float]) -> tuple[float, float, float]:
-    if not values:
-        return (float("nan"),) * 3
-    return statistics.median(values), min(values), max(values)
 
 
 def fmt(value: float, metric: str) -> str:

@@ -11,7 +11,7 @@ use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use _core::{dimse, pdu};
+use _core::{dimse, pdu, transport};
 
 use crate::part10::Instance;
 
@@ -259,10 +259,13 @@ fn send_in_pieces(
     capacity: usize,
 ) -> io::Result<u64> {
     let mut commands = message.command_pdus.as_slice();
-    while commands.len() > PDATA_HEADER_LEN {
-        // PS3.8 9.3.1: bytes 3-6 of the header are the PDU-length.
-        let length = u32::from_be_bytes([commands[2], commands[3], commands[4], commands[5]]);
-        let (pdu, rest) = commands.split_at((6 + length as usize).min(commands.len()));
+    while !commands.is_empty() {
+        // Our own encoding: every PDU whole, framed as the server's reader frames it.
+        let Ok(transport::Framed::Whole(total)) = transport::frame(commands, &|_| Some(usize::MAX))
+        else {
+            return Err(io::Error::other("command PDUs not whole"));
+        };
+        let (pdu, rest) = commands.split_at(total);
         stream.write_all(&pdu[..PDATA_HEADER_LEN])?;
         stream.write_all(&pdu[PDATA_HEADER_LEN..])?;
         commands = rest;
