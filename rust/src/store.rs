@@ -48,11 +48,11 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::direct_write::DirectWriter;
@@ -219,6 +219,9 @@ pub struct Store {
     config: StoreConfig,
     private: PathBuf,
     tmp_dir: PathBuf,
+    /// `tmp_dir`, open: O_TMPFILEs are made relative to it, and its link count says
+    /// whether it was removed, without a walk of the whole path per instance.
+    tmp_fd: RwLock<File>,
     run_id: String,
     /// Held (flock) for the life of the process: tells others this run is alive.
     run_lock: Mutex<File>,
@@ -357,6 +360,26 @@ fn hold_run_lock(private: &Path, run_id: &str) -> io::Result<File> {
     Ok(file)
 }
 
+/// A directory opened to be the base of `*at` calls and to be `fstat`ed.
+fn open_directory(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)
+}
+
+/// A new O_TMPFILE in the directory `dir`, for writing.
+fn open_anonymous(dir: &File) -> io::Result<File> {
+    let flags = libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated path and a descriptor `dir` keeps open meanwhile.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags, 0o644) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 /// True for the errors by which a filesystem says it has no O_TMPFILE (open(2)).
 fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -396,6 +419,7 @@ impl Store {
         })();
         flock(&commit_flock, libc::LOCK_UN)?;
         let (run_lock, tmp_dir) = registered?;
+        let tmp_fd = RwLock::new(open_directory(&tmp_dir)?);
         let journal = if config.journal {
             // A new file per run: lines are written at known offsets (not O_APPEND).
             let file = OpenOptions::new()
@@ -420,6 +444,7 @@ impl Store {
             config,
             private,
             tmp_dir,
+            tmp_fd,
             run_id,
             run_lock: Mutex::new(run_lock),
             shards,
@@ -446,6 +471,9 @@ impl Store {
     /// where the filesystem allows: it never has a name until it has its final one, and
     /// the kernel frees it if the process dies.
     pub fn begin(&self, header: &[u8]) -> io::Result<Incoming> {
+        if self.tmp_dir_removed() {
+            self.recreate_private()?;
+        }
         let (file, temp) = match self.open_temporary() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The private area was removed under us (an operator cleaning up):
@@ -481,7 +509,7 @@ impl Store {
     /// Starts a new instance in `spare`, as [`Store::begin`] does, unless the private
     /// area was removed since the spare was opened: `begin` then recreates it.
     pub fn begin_in(&self, spare: Spare, header: &[u8]) -> io::Result<Incoming> {
-        if self.tmp_dir.symlink_metadata().is_err() {
+        if self.tmp_dir_removed() {
             return self.begin(header);
         }
         let mut incoming = spare.0;
@@ -493,11 +521,7 @@ impl Store {
     /// make one, a named file there.
     fn open_temporary(&self) -> io::Result<(File, TempName)> {
         if self.anonymous_ok.load(Ordering::Relaxed) {
-            let opened = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .mode(0o644)
-                .open(&self.tmp_dir);
+            let opened = open_anonymous(&self.tmp_fd.read().unwrap_or_else(|e| e.into_inner()));
             match opened {
                 Ok(file) => return Ok((file, TempName::Anonymous)),
                 Err(e) if !tmpfile_unsupported(&e) => return Err(e),
@@ -540,6 +564,7 @@ impl Store {
                 hold_run_lock(&self.private, &self.run_id)?;
         }
         fs::create_dir_all(&self.tmp_dir)?;
+        *self.tmp_fd.write().unwrap_or_else(|e| e.into_inner()) = open_directory(&self.tmp_dir)?;
         drop(registration);
         for (k, shard) in self.shards.iter().enumerate() {
             let path = shard_path(&self.private, k);
@@ -560,6 +585,13 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Whether this run's temporary folder was removed (with the private area, by an
+    /// operator): a removed directory has no links left.
+    fn tmp_dir_removed(&self) -> bool {
+        let dir = self.tmp_fd.read().unwrap_or_else(|e| e.into_inner());
+        dir.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
     fn next_temp_path(&self) -> PathBuf {
@@ -1358,6 +1390,24 @@ mod tests {
     }
 
     /// Fragments handed over together, more than one write takes, land in order.
+    #[test]
+    fn private_area_removed_under_a_spare_is_recreated() {
+        let root = tempdir("spare-removed");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        let spare = s.spare().unwrap().unwrap();
+        fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
+        let mut inc = s.begin_in(spare, b"HDR").unwrap();
+        assert!(s.tmp_dir.is_dir());
+        inc.write(&[b"body"]).unwrap();
+        let placed = s.commit(inc, "1.2.dcm", "1.2", None).unwrap();
+        assert_eq!(placed.outcome, Outcome::Stored);
+        assert!(registry_link(&s.private, "1.2").is_symlink());
+        // The held temporary folder is the new one: the next spare is opened there.
+        assert!(!s.tmp_dir_removed());
+        drop(s.spare().unwrap());
+        fs::remove_dir_all(root).unwrap();
+    }
+
     #[test]
     fn fragments_written_together_keep_their_order() {
         let root = tempdir("fragments");
