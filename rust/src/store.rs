@@ -1080,11 +1080,46 @@ fn write_all_vectored(file: &mut File, mut slices: &mut [io::IoSlice<'_>]) -> io
     Ok(())
 }
 
-/// Links an O_TMPFILE into the directory tree under `target` (fails if it exists).
-/// Through /proc/self/fd so that no CAP_DAC_READ_SEARCH is needed (linkat(2)).
+/// Whether this process may link a descriptor itself (`linkat` with `AT_EMPTY_PATH`:
+/// with CAP_DAC_READ_SEARCH, or since Linux 6.10 for a file it opened); cleared on the
+/// first refusal.
+static EMPTY_PATH_LINKS: AtomicBool = AtomicBool::new(true);
+
+/// Links an O_TMPFILE into the directory tree under `target` (fails if it exists):
+/// from its descriptor where allowed, else through /proc/self/fd, which needs no
+/// privilege but costs a walk of /proc (linkat(2)).
 pub fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
-    let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     let target = CString::new(target.as_os_str().as_bytes())?;
+    if !EMPTY_PATH_LINKS.load(Ordering::Relaxed) {
+        return link_through_proc(file, &target);
+    }
+    // SAFETY: NUL-terminated strings that outlive the call; `file` keeps its fd open.
+    let rc = unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let refused = io::Error::last_os_error();
+    if refused.raw_os_error() != Some(libc::ENOENT) {
+        return Err(refused);
+    }
+    // ENOENT is both "no such folder" and "flag not allowed": /proc tells which.
+    let linked = link_through_proc(file, &target);
+    if linked.is_ok() {
+        EMPTY_PATH_LINKS.store(false, Ordering::Relaxed);
+    }
+    linked
+}
+
+fn link_through_proc(file: &File, target: &CString) -> io::Result<()> {
+    let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
     // SAFETY: both pointers are NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::linkat(
@@ -1405,6 +1440,30 @@ mod tests {
         // The held temporary folder is the new one: the next spare is opened there.
         assert!(!s.tmp_dir_removed());
         drop(s.spare().unwrap());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn anonymous_files_are_linked_either_way() {
+        let root = tempdir("link-anonymous");
+        let dir = open_directory(&root).unwrap();
+        for (k, through_proc) in [(0, false), (1, true)] {
+            let mut file = open_anonymous(&dir).unwrap();
+            file.write_all(b"body").unwrap();
+            let target = root.join(format!("{k}.dcm"));
+            let missing = root.join("no-such-folder").join(format!("{k}.dcm"));
+            let link = |to: &Path| match through_proc {
+                true => link_through_proc(&file, &CString::new(to.as_os_str().as_bytes()).unwrap()),
+                false => link_anonymous(&file, to),
+            };
+            assert_eq!(link(&missing).unwrap_err().kind(), io::ErrorKind::NotFound);
+            link(&target).unwrap();
+            assert_eq!(
+                link(&target).unwrap_err().kind(),
+                io::ErrorKind::AlreadyExists
+            );
+            assert_eq!(fs::read(&target).unwrap(), b"body");
+        }
         fs::remove_dir_all(root).unwrap();
     }
 
