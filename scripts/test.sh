@@ -23,9 +23,22 @@ PY="$VENV/bin/python"
 echo "== rust: fmt, clippy, unit tests"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace -q 2>&1 | tail -n 5
+# Each test binary's summary line; the whole output when a test fails.
+cargo_tests() {
+    local log
+    log=$(mktemp)
+    if cargo test -q "$@" >"$log" 2>&1; then
+        grep -E '^test result' "$log"
+        rm -f "$log"
+    else
+        cat "$log"
+        rm -f "$log"
+        return 1
+    fi
+}
+cargo_tests --workspace
 echo "== fuzz: replay the committed seeds and past findings (no libFuzzer)"
-cargo test --manifest-path fuzz/Cargo.toml -q 2>&1 | tail -n 3
+cargo_tests --manifest-path fuzz/Cargo.toml
 
 echo "== python: ruff, mypy"
 "$VENV/bin/ruff" check python tests benchmarks
