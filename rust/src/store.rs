@@ -1028,8 +1028,9 @@ impl Incoming {
 
     /// Starts the write to the device of the cached bytes not yet started.
     fn start_writeback(&mut self) {
-        // Only a hint that overlaps disk writes with the network; durability still
-        // comes from the fdatasync at commit, so a failure is ignored.
+        // Only a hint that starts disk writes early, while the network delivers the
+        // rest or the commit runs; durability still comes from the fdatasync at
+        // commit, so a failure is ignored.
         let (fd, start) = (self.file.as_raw_fd(), self.written_back);
         let _ = sync_range(fd, start, self.size - start, libc::SYNC_FILE_RANGE_WRITE);
         self.written_back = self.size;
@@ -1045,7 +1046,11 @@ impl Incoming {
     }
 
     /// Writes what is still held back: the header of an empty data set, the direct
-    /// writes' last bytes (those short of a block through the page cache).
+    /// writes' last bytes (those short of a block through the page cache). With fsync
+    /// on, starts the write of the bytes not yet started, so that it runs while the
+    /// commit takes its lock and claims the registry entry rather than inside the
+    /// `fdatasync` (a durable 4 KB file with 15-30 us of work between: 5-18% less time
+    /// to durable in alternating pairs).
     fn finish(&mut self) -> io::Result<()> {
         if !self.header.is_empty() {
             self.write_cached(&[])?;
@@ -1053,6 +1058,9 @@ impl Incoming {
         if let Some(direct) = self.direct.take() {
             let (tail, offset) = (*direct).finish()?;
             self.file.write_all_at(&tail, offset)?;
+        }
+        if self.durable && self.size > self.written_back {
+            self.start_writeback();
         }
         Ok(())
     }
