@@ -1476,6 +1476,22 @@ mod tests {
     }
 
     #[test]
+    fn durable_instance_starts_its_last_write_at_the_end_of_the_data_set() {
+        let root = tempdir("finish-writeback");
+        let s = durable_store(&root, false);
+        let mut inc = s.begin(b"HDR").unwrap();
+        inc.write(&[b"a tiny data set"]).unwrap();
+        assert_eq!(
+            inc.written_back, 0,
+            "below WRITEBACK_CHUNK nothing is started yet"
+        );
+        inc.finish().unwrap();
+        assert_eq!(inc.written_back, inc.size);
+        drop(inc);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
     fn fragments_written_together_keep_their_order() {
         let root = tempdir("fragments");
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
