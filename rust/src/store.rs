@@ -474,6 +474,12 @@ impl Store {
         if self.tmp_dir_removed() {
             self.recreate_private()?;
         }
+        self.open_incoming(header)
+    }
+
+    /// [`Store::begin`] without looking for a removed area first: for a spare, which
+    /// [`Store::begin_in`] checks when it is used.
+    fn open_incoming(&self, header: &[u8]) -> io::Result<Incoming> {
         let (file, temp) = match self.open_temporary() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The private area was removed under us (an operator cleaning up):
@@ -502,7 +508,7 @@ impl Store {
         if !self.anonymous_ok.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let incoming = self.begin(&[])?;
+        let incoming = self.open_incoming(&[])?;
         Ok(matches!(incoming.temp, TempName::Anonymous).then_some(Spare(incoming)))
     }
 
@@ -1432,7 +1438,6 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
-    /// Fragments handed over together, more than one write takes, land in order.
     #[test]
     fn private_area_removed_under_a_spare_is_recreated() {
         let root = tempdir("spare-removed");
@@ -1491,6 +1496,7 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
+    /// Fragments handed over together, more than one write takes, land in order.
     #[test]
     fn fragments_written_together_keep_their_order() {
         let root = tempdir("fragments");

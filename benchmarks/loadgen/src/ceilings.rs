@@ -670,6 +670,13 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
     let (dir, s, cleanup) = (options.dir.as_path(), options.scale, options.cleanup);
     let (polled, exchanges, stored) = (SPIN_FOR_NEXT_REQUEST, scaled(20000, s), scaled(5000, s));
     let stored_in = |name: &str| dir.join(name);
+    // Tiny requests from `pairs` pairs, each stored before its answer, in `folder`.
+    let stored_tiny = move |pairs: usize, spin: Duration, folder: &'static str| {
+        move || {
+            let into = stored_in(folder);
+            loopback_round_trips(pairs, stored, spin, Exchange::tiny(Some(&into)), cleanup)
+        }
+    };
     vec![
         Ceiling::one(
             "tcp_loopback_mb_s",
@@ -779,19 +786,12 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
         Ceiling::one(
             "stored_round_trips_x1_per_s",
             "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
-            move || {
-                let into = stored_in("ceiling-stored-x1");
-                loopback_round_trips(1, stored, polled, Exchange::tiny(Some(&into)), cleanup)
-            },
+            stored_tiny(1, polled, "ceiling-stored-x1"),
         ),
         Ceiling::one(
             "stored_round_trips_x4_per_s",
             "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
-            move || {
-                let into = stored_in("ceiling-stored-x4");
-                let tiny = Exchange::tiny(Some(&into));
-                loopback_round_trips(4, stored, Duration::ZERO, tiny, cleanup)
-            },
+            stored_tiny(4, Duration::ZERO, "ceiling-stored-x4"),
         ),
         Ceiling::one(
             "durable_stored_round_trips_512k_x4_per_s",
