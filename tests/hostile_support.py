@@ -54,6 +54,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage
+from storescp.index.layout import StorageLayout
 
 CT = CTImageStorage
 UID_ROOT = "1.2.826.0.1.3680043.9.7.55"
@@ -424,9 +425,9 @@ class Guard:
         missing = [uid for uid in required if uid not in seen]
         assert not missing, f"not stored: {missing}"
         dcmdump_ok(new)
-        for link in (storage / ".storescp" / "sop").glob("*/*"):
-            target = (storage / os.readlink(link)).resolve()
-            assert target.is_relative_to(storage.resolve()), f"{link} -> {target}"
+        for uid, relpath in StorageLayout(storage).registry().items():
+            target = (storage / relpath).resolve()
+            assert target.is_relative_to(storage.resolve()), f"{uid} -> {target}"
         assert outside_tree(self.root, storage) == self.outside, "files changed outside"
         self.snapshot()
         return new

@@ -426,6 +426,25 @@ def test_layout_reads_registry_links_in_folders_and_flat_ones(root: Path) -> Non
     assert not StorageLayout(root / "empty").has_registry_entries()
 
 
+def test_layout_reads_registry_links_through_folder_links(root: Path) -> None:
+    """A registry link may name the file's folder link (rust/src/registry.rs): the file
+    is `<folder>/<uid>.dcm`, `.` being the root; one whose folder link is gone names
+    nothing."""
+    folders = root / PRIVATE_DIR / "folder" / "0a"
+    folders.mkdir(parents=True)
+    (folders / "1").symlink_to("a/b")
+    (folders / "2").symlink_to(".")
+    link_registry(root, "1.2.21.1", f"{PRIVATE_DIR}/folder/0a/1")
+    link_registry(root, "1.2.21.2", f"{PRIVATE_DIR}/folder/0a/1")
+    link_registry(root, "1.2.21.3", f"{PRIVATE_DIR}/folder/0a/2")
+    link_registry(root, "1.2.21.4", f"{PRIVATE_DIR}/folder/0a/3")
+    assert StorageLayout(root).registry() == {
+        "1.2.21.1": "a/b/1.2.21.1.dcm",
+        "1.2.21.2": "a/b/1.2.21.2.dcm",
+        "1.2.21.3": "1.2.21.3.dcm",
+    }
+
+
 def test_verify_finds_every_kind_of_disagreement(index: Index, root: Path) -> None:
     good = store_file(root, event("1.2.19.1"))
     unindexed = store_file(root, event("1.2.19.2"))

@@ -13,6 +13,7 @@ pub mod group_sync;
 pub mod meta;
 pub mod naming;
 pub mod pdu;
+pub mod registry;
 pub mod server;
 pub mod service;
 pub mod sniff;

@@ -7,14 +7,8 @@
 //!   processes) around the commit of every SOP Instance UID that hashes to k, so the
 //!   duplicate decision is atomic across threads *and* processes sharing the root, while
 //!   instances of different shards commit in parallel.
-//! - `sop/<xx>/<SOPInstanceUID>`: a symlink whose target is the file's path relative to
-//!   the root: the registry of what is stored, whatever the naming scheme. A dangling
-//!   link (a crash between linking and renaming) counts as "not stored". `xx` is the
-//!   UID's hash modulo 256 in two hex digits ([`registry_link`]): no one directory holds
-//!   every UID of an archive (ext4 without `large_dir` refuses entries past about ten
-//!   million in one directory), and concurrent associations seldom queue on the same
-//!   directory's lock. Links of an older, flat `sop/<SOPInstanceUID>` are moved into
-//!   their folders at start.
+//! - `sop/` and `folder/`: the registry of what is stored, whatever the naming scheme
+//!   (see [`crate::registry`]).
 //! - `run/<runid>.lock`: held (`flock`) by the process `runid` = "pid-nanos" while it runs.
 //! - `tmp/<runid>/`: that process's temporary files; swept at start once the owner is gone.
 //! - `journal/<runid>.log`: with an index, one line per instance written before the
@@ -58,9 +52,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::direct_write::DirectWriter;
 use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
+use crate::registry::{stable_hash, Registry};
 
 /// Folders of the private area, made at start and again if an operator removed them.
-const PRIVATE_SUBDIRS: [&str; 5] = ["sop", "run", "tmp", "journal", "lock.d"];
+const PRIVATE_SUBDIRS: [&str; 6] = ["sop", "folder", "run", "tmp", "journal", "lock.d"];
 
 /// Name of the private area under the storage root.
 pub const PRIVATE_DIR: &str = ".storescp";
@@ -144,7 +139,8 @@ pub struct Placed<'a> {
     pub file_size: u64,
     /// The file's path relative to the root.
     pub relpath: String,
-    /// Directories created for the file (their parents' entries changed too).
+    /// Directories whose entries changed besides the file's own folder: the parents of
+    /// folders made for it, and those of registry folder links made with it.
     created: Vec<PathBuf>,
     /// Some for a stored or replaced instance of a run with an index journal.
     journal_line: Option<JournalLine<'a>>,
@@ -233,6 +229,7 @@ pub struct Store {
     dir_syncs: DirectorySyncs,
     /// Cleared once the filesystem refuses O_TMPFILE.
     anonymous_ok: AtomicBool,
+    registry: Registry,
 }
 
 /// Number of commit lock shards (see the module documentation).
@@ -279,66 +276,6 @@ fn open_lock(path: &Path) -> io::Result<File> {
         }
         opened => opened,
     }
-}
-
-/// FNV-1a of the UID: stable across processes and versions, unlike std's hasher, since
-/// every process must map a UID to the same commit shard and registry folder.
-fn uid_hash(sop_uid: &str) -> u64 {
-    sop_uid.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Folders of the registry under `sop/`.
-const REGISTRY_FOLDERS: u64 = 256;
-
-/// The registry link of `sop_uid`: `sop/<xx>/<uid>`, `xx` its hash's folder.
-fn registry_link(private: &Path, sop_uid: &str) -> PathBuf {
-    let folder = format!("{:02x}", uid_hash(sop_uid) % REGISTRY_FOLDERS);
-    private.join("sop").join(folder).join(sop_uid)
-}
-
-/// Creates the registry link `link` -> `relpath` (its folder on first use). False
-/// when the link exists already: the UID was seen before.
-fn claim_registry(link: &Path, relpath: &str) -> io::Result<bool> {
-    let mut made = std::os::unix::fs::symlink(relpath, link);
-    if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-        match fs::create_dir(link.parent().unwrap_or(link)) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => made = std::os::unix::fs::symlink(relpath, link),
-        }
-    }
-    match made {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Moves the links of a flat registry (`sop/<uid>`, before the folders) into their
-/// folders. Call with the commit lock held, before this run stores anything.
-fn migrate_flat_registry(private: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(private.join("sop"))? {
-        let entry = entry?;
-        if !entry.file_type()?.is_symlink() {
-            continue;
-        }
-        let Some(uid) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        let link = registry_link(private, &uid);
-        if let Some(folder) = link.parent() {
-            fs::create_dir_all(folder)?;
-        }
-        // A link (not its target: linkat without AT_SYMLINK_FOLLOW) that fails when the
-        // folder has one already: that one was written since, by this version, and wins.
-        match fs::hard_link(entry.path(), &link) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
-        }
-        fs::remove_file(entry.path())?;
-    }
-    Ok(())
 }
 
 fn shard_path(private: &Path, k: usize) -> PathBuf {
@@ -412,7 +349,7 @@ impl Store {
         let registered = (|| {
             let run_lock = hold_run_lock(&private, &run_id)?;
             sweep_dead_runs(&private)?;
-            migrate_flat_registry(&private)?;
+            Registry::new(&config.root).migrate_flat()?;
             let tmp_dir = private.join("tmp").join(&run_id);
             fs::create_dir(&tmp_dir)?;
             Ok::<_, io::Error>((run_lock, tmp_dir))
@@ -441,7 +378,6 @@ impl Store {
         };
 
         Ok(Store {
-            config,
             private,
             tmp_dir,
             tmp_fd,
@@ -452,6 +388,8 @@ impl Store {
             dir_syncs: DirectorySyncs::default(),
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
+            registry: Registry::new(&config.root),
+            config,
         })
     }
 
@@ -557,6 +495,7 @@ impl Store {
         for sub in PRIVATE_SUBDIRS {
             fs::create_dir_all(self.private.join(sub))?;
         }
+        self.registry.forget_folders();
         // The files this run keeps open went with the area: open them anew, so that other
         // processes see this run alive and lock the same shard files, and the index finds
         // this run's next journal lines. Each is replaced under its mutex, so nobody holds
@@ -608,7 +547,7 @@ impl Store {
     /// Holds the commit shard of `sop_uid`. The shard must not depend on anything but
     /// the UID: every process maps a UID to the same lock file.
     fn lock(&self, sop_uid: &str) -> io::Result<CommitGuard<'_>> {
-        let shard = &self.shards[(uid_hash(sop_uid) % SHARDS as u64) as usize];
+        let shard = &self.shards[(stable_hash(sop_uid) % SHARDS as u64) as usize];
         let file = shard.lock().unwrap_or_else(|e| e.into_inner());
         flock(&file, libc::LOCK_EX)?;
         Ok(CommitGuard { file })
@@ -656,27 +595,29 @@ impl Store {
         ahead: Option<JournalLine<'a>>,
         journal_line: &mut Option<JournalLine<'a>>,
     ) -> io::Result<(Outcome, Vec<PathBuf>)> {
-        let link = registry_link(&self.private, sop_uid);
+        let link = self.registry.entry(sop_uid);
+        // Folder links made now are durable with the instance's own directory entries.
+        let mut linked = Vec::new();
+        let target = self.registry.target(relpath, sop_uid, &mut linked);
         let _guard = self.lock(sop_uid)?;
         // Claiming the registry entry is also the check: it exists only for a UID seen
         // before (a crash may leave one dangling, which counts as not stored).
-        let claimed = claim_registry(&link, relpath)?;
-        let registered = (!claimed)
-            .then(|| fs::read_link(&link).ok())
+        let claimed = self.registry.claim(&link, &target)?;
+        let existing = (!claimed)
+            .then(|| self.registry.stored_path(&link, sop_uid))
             .flatten()
-            .map(|target| target.to_string_lossy().into_owned());
-        let existing = registered
-            .clone()
             .filter(|old| self.config.root.join(old).is_file());
-        Ok(match (existing, self.config.duplicate) {
-            (Some(old), DuplicatePolicy::Reject) => (Outcome::Duplicate(old), Vec::new()),
-            (Some(old), DuplicatePolicy::Ignore) => (Outcome::Ignored(old), Vec::new()),
+        let (outcome, mut created) = match (existing, self.config.duplicate) {
+            (Some(old), DuplicatePolicy::Reject) => {
+                return Ok((Outcome::Duplicate(old), Vec::new()))
+            }
+            (Some(old), DuplicatePolicy::Ignore) => return Ok((Outcome::Ignored(old), Vec::new())),
             (Some(old), DuplicatePolicy::Replace) => {
                 let outcome = Outcome::Replaced(old.clone());
                 *journal_line = self.line_for(&outcome, sop_uid, relpath, ahead)?;
                 self.sync_before_placing(incoming, journal_line.as_ref())?;
                 if old != relpath {
-                    self.point_registry(&link, relpath)?;
+                    self.point_registry(&link, &target)?;
                 }
                 let created = self.place(incoming, relpath, true)?;
                 if old != relpath {
@@ -689,7 +630,7 @@ impl Store {
                 *journal_line = self.line_for(&Outcome::Stored, sop_uid, relpath, ahead)?;
                 self.sync_before_placing(incoming, journal_line.as_ref())?;
                 if !claimed {
-                    self.point_registry(&link, relpath)?;
+                    self.point_registry(&link, &target)?;
                 }
                 match self.place(incoming, relpath, false) {
                     Ok(created) => (Outcome::Stored, created),
@@ -697,10 +638,10 @@ impl Store {
                     // existed, or placed by hand): it is the stored copy.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match policy {
                         DuplicatePolicy::Reject => {
-                            (Outcome::Duplicate(relpath.to_string()), Vec::new())
+                            return Ok((Outcome::Duplicate(relpath.to_string()), Vec::new()))
                         }
                         DuplicatePolicy::Ignore => {
-                            (Outcome::Ignored(relpath.to_string()), Vec::new())
+                            return Ok((Outcome::Ignored(relpath.to_string()), Vec::new()))
                         }
                         DuplicatePolicy::Replace => (
                             Outcome::Replaced(relpath.to_string()),
@@ -710,7 +651,9 @@ impl Store {
                     Err(e) => return Err(e),
                 }
             }
-        })
+        };
+        created.append(&mut linked);
+        Ok((outcome, created))
     }
 
     /// The journal line for what `outcome` stores at `relpath`: the one written ahead
@@ -789,13 +732,13 @@ impl Store {
         }
     }
 
-    /// Points an existing registry entry (dangling or pointing elsewhere) at `relpath`,
+    /// Points an existing registry entry (dangling or pointing elsewhere) at `target`,
     /// swapping it atomically.
-    fn point_registry(&self, link: &Path, relpath: &str) -> io::Result<()> {
+    fn point_registry(&self, link: &Path, target: &str) -> io::Result<()> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let staged = self.tmp_dir.join(format!("{n}.link"));
         let _ = fs::remove_file(&staged);
-        std::os::unix::fs::symlink(relpath, &staged)?;
+        std::os::unix::fs::symlink(target, &staged)?;
         fs::rename(&staged, link)
     }
 
@@ -1449,7 +1392,7 @@ mod tests {
         inc.write(&[b"body"]).unwrap();
         let placed = s.commit(inc, "1.2.dcm", "1.2", None).unwrap();
         assert_eq!(placed.outcome, Outcome::Stored);
-        assert!(registry_link(&s.private, "1.2").is_symlink());
+        assert!(s.registry.entry("1.2").is_symlink());
         // The held temporary folder is the new one: the next spare is opened there.
         assert!(!s.tmp_dir_removed());
         drop(s.spare().unwrap());
@@ -1547,8 +1490,8 @@ mod tests {
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
         assert_eq!(put(&s, "1.1.dcm", "1.1", b"one"), Outcome::Stored);
         let private = root.join(PRIVATE_DIR);
-        let link = registry_link(&private, "1.1");
-        assert_eq!(fs::read_link(&link).unwrap(), Path::new("1.1.dcm"));
+        let link = s.registry.entry("1.1");
+        assert_eq!(s.registry.stored_path(&link, "1.1").unwrap(), "1.1.dcm");
         assert_eq!(
             link.parent().unwrap().parent().unwrap(),
             private.join("sop")
@@ -1560,7 +1503,7 @@ mod tests {
         std::os::unix::fs::symlink("old.dcm", private.join("sop/2.2")).unwrap();
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
         assert!(fs::symlink_metadata(private.join("sop/2.2")).is_err());
-        let moved = registry_link(&private, "2.2");
+        let moved = s.registry.entry("2.2");
         assert_eq!(fs::read_link(moved).unwrap(), Path::new("old.dcm"));
         assert_eq!(
             put(&s, "2.2.dcm", "2.2", b"new"),
@@ -1600,6 +1543,11 @@ mod tests {
         assert_eq!(
             fs::read(root.join("2024/01/02/9/1.2.dcm")).unwrap(),
             b"HDRfour"
+        );
+        let entry = s.registry.entry("1.2");
+        assert_eq!(
+            s.registry.stored_path(&entry, "1.2").unwrap(),
+            "2024/01/02/9/1.2.dcm"
         );
         assert_eq!(tmp_files(&root), 0);
         let journal =

@@ -1,8 +1,11 @@
 """What the index reads from the storage root: files, the core's registry and journals.
 
-The core's private area is `ROOT/.storescp/` (see rust/src/store.rs): `sop/<xx>/<uid>`
-symlinks to the stored file's relative path (`xx` one of 256 folders; a root the server
-has not opened since an older version may still hold flat `sop/<uid>` links),
+The core's private area is `ROOT/.storescp/` (see rust/src/store.rs and registry.rs):
+`sop/<xx>/<uid>` symlinks naming the stored file (`xx` one of 256 folders; a root the
+server has not opened since an older version may still hold flat `sop/<uid>` links),
+either by its relative path or by the folder link `.storescp/folder/<xx>/<token>` of its
+folder (a symlink to the folder's relative path, `.` for the root; the file is then
+`<folder>/<uid>.dcm`),
 `run/<runid>.lock` held with flock by each live process, and `journal/<runid>.log` lines
 "op TAB sop_uid TAB relpath TAB replaced_relpath LF" appended before each file is renamed
 into place.
@@ -23,6 +26,9 @@ from pydicom import dcmread
 from storescp.index.model import InstanceRecord, utc_iso_from_timestamp
 
 PRIVATE_DIR = ".storescp"
+
+# How a registry target naming a folder link starts (no stored path starts with a dot).
+_FOLDER_LINKS = f"{PRIVATE_DIR}/folder/"
 
 # Only what a row needs; pydicom then skips parsing every other element.
 _TAGS = [
@@ -69,11 +75,25 @@ class StorageLayout:
         return self.root / relpath
 
     def registry(self) -> dict[str, str]:
-        """SOP Instance UID -> relative path, for every registry link (dangling included)."""
+        """SOP Instance UID -> relative path, for every registry link (dangling included,
+        but not one whose folder link is missing)."""
         entries: dict[str, str] = {}
+        folders: dict[str, str | None] = {}
         for entry in self._registry_links():
             with suppress(OSError):  # vanished meanwhile
-                entries[entry.name] = os.readlink(entry.path)
+                target = os.readlink(entry.path)
+                if not target.startswith(_FOLDER_LINKS):
+                    entries[entry.name] = target
+                    continue
+                if target not in folders:
+                    try:
+                        folders[target] = os.readlink(self.root / target)
+                    except OSError:
+                        folders[target] = None
+                folder = folders[target]
+                if folder is not None:
+                    name = f"{entry.name}.dcm"
+                    entries[entry.name] = name if folder == "." else f"{folder}/{name}"
         return entries
 
     def has_registry_entries(self) -> bool:

@@ -1,0 +1,305 @@
+//! The registry of stored SOP Instance UIDs, whatever the naming scheme: the symlinks
+//! under `ROOT/.storescp/` that make the duplicate decision hold across layouts and
+//! processes (SPEC.md section 4). Every target is relative to the root.
+//!
+//! - `sop/<xx>/<SOPInstanceUID>`: the entry of a stored instance. `xx` is the UID's hash
+//!   modulo 256 in two hex digits, so that no one directory holds every UID of an
+//!   archive (ext4 without `large_dir` refuses entries past about ten million in one
+//!   directory) and concurrent associations seldom queue on one directory's lock. A
+//!   dangling entry (a crash between linking and placing, or a file deleted since)
+//!   counts as "not stored". Its target is either
+//!   - the folder link of the file's folder, `.storescp/folder/<xx>/<token>`, when the
+//!     file is `<folder>/<SOPInstanceUID>.dcm` (every naming scheme names files so):
+//!     short enough for ext4 to keep inside the symlink's inode, where a whole path
+//!     (up to ~200 bytes) needs a data block of its own per instance; or
+//!   - the file's path itself (entries written before folder links, or when a folder's
+//!     token is taken by another folder).
+//! - `folder/<xx>/<token>`: a symlink to a folder holding stored files (`.` for the root
+//!   itself), made once per folder and never changed; `token` is the folder's 64-bit
+//!   hash in hex, `xx` that hash modulo 256.
+//!
+//! Links of an older, flat `sop/<SOPInstanceUID>` are moved into their folders at start.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::store::PRIVATE_DIR;
+
+/// Folders of `sop/` and of `folder/`.
+const FOLDERS: u64 = 256;
+
+/// Folder links known to name their folder are remembered up to this many (a series
+/// each with hierarchical naming); past it the memory starts over.
+const KNOWN_FOLDERS: usize = 4096;
+
+/// FNV-1a: stable across processes and versions, unlike std's hasher, since every
+/// process must map a UID to the same commit shard and registry entry, and a folder to
+/// the same token.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The registry of one storage root.
+pub struct Registry {
+    root: PathBuf,
+    /// Folders whose link this process made or read back (see [`KNOWN_FOLDERS`]).
+    known_folders: Mutex<HashSet<String>>,
+}
+
+impl Registry {
+    pub fn new(root: &Path) -> Registry {
+        Registry {
+            root: root.to_path_buf(),
+            known_folders: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The entry of `sop_uid`: `sop/<xx>/<uid>`.
+    pub fn entry(&self, sop_uid: &str) -> PathBuf {
+        let folder = format!("{:02x}", stable_hash(sop_uid) % FOLDERS);
+        self.root
+            .join(PRIVATE_DIR)
+            .join("sop")
+            .join(folder)
+            .join(sop_uid)
+    }
+
+    /// The target for an entry of the file `relpath` of `sop_uid`: its folder's link
+    /// when it can have one, made now if missing (its directory, and `folder/` when
+    /// `xx` is new, are pushed on `changed`: their entries changed), else `relpath`.
+    pub fn target(&self, relpath: &str, sop_uid: &str, changed: &mut Vec<PathBuf>) -> String {
+        let Some(folder) = folder_of(relpath, sop_uid) else {
+            return relpath.to_string();
+        };
+        let name = folder_link_name(folder);
+        let mut known = self.known_folders.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(folder) {
+            return name;
+        }
+        match self.link_folder(&name, folder, changed) {
+            Ok(()) => {
+                if known.len() >= KNOWN_FOLDERS {
+                    known.clear();
+                }
+                known.insert(folder.to_string());
+                name
+            }
+            // Another folder's link under this token, or no link to be had: the path.
+            Err(_) => relpath.to_string(),
+        }
+    }
+
+    /// Makes the folder link `name` -> `folder`, or checks that the one there names it.
+    fn link_folder(&self, name: &str, folder: &str, changed: &mut Vec<PathBuf>) -> io::Result<()> {
+        let link = self.root.join(name);
+        let parent = link.parent().unwrap_or(&self.root);
+        let mut made = symlink(folder, &link);
+        if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            match fs::create_dir(parent) {
+                Ok(()) => changed.push(parent.parent().unwrap_or(parent).to_path_buf()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+            made = symlink(folder, &link);
+        }
+        match made {
+            Ok(()) => {
+                changed.push(parent.to_path_buf());
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                if fs::read_link(&link)? == Path::new(folder) {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("folder token taken by another folder"))
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the entry `entry` -> `target` (its folder on first use). False when the
+    /// entry exists already: the UID was seen before.
+    pub fn claim(&self, entry: &Path, target: &str) -> io::Result<bool> {
+        let mut made = symlink(target, entry);
+        if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+            match fs::create_dir(entry.parent().unwrap_or(entry)) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => made = symlink(target, entry),
+            }
+        }
+        match made {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The path, relative to the root, that the entry of `sop_uid` at `entry` names
+    /// (the file may be gone since); None without a readable entry.
+    pub fn stored_path(&self, entry: &Path, sop_uid: &str) -> Option<String> {
+        let target = fs::read_link(entry).ok()?;
+        let target = target.to_str()?;
+        if !target.starts_with(FOLDER_LINK_PREFIX) {
+            return Some(target.to_string());
+        }
+        let folder = fs::read_link(self.root.join(target)).ok()?;
+        Some(match folder.to_str()? {
+            "." => format!("{sop_uid}.dcm"),
+            folder => format!("{folder}/{sop_uid}.dcm"),
+        })
+    }
+
+    /// Forgets the folder links seen: the private area was removed, and them with it.
+    pub fn forget_folders(&self) {
+        self.known_folders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Moves the entries of a flat registry (`sop/<uid>`, before the folders) into their
+    /// folders. Call with the commit lock held, before this run stores anything.
+    pub fn migrate_flat(&self) -> io::Result<()> {
+        for found in fs::read_dir(self.root.join(PRIVATE_DIR).join("sop"))? {
+            let found = found?;
+            if !found.file_type()?.is_symlink() {
+                continue;
+            }
+            let Some(uid) = found.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let entry = self.entry(&uid);
+            if let Some(folder) = entry.parent() {
+                fs::create_dir_all(folder)?;
+            }
+            // A link (not its target: linkat without AT_SYMLINK_FOLLOW) that fails when
+            // the folder has one already: that one was written since, by this version,
+            // and wins.
+            match fs::hard_link(found.path(), &entry) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            fs::remove_file(found.path())?;
+        }
+        Ok(())
+    }
+}
+
+/// How every folder link's name starts (no stored path starts with a dot).
+const FOLDER_LINK_PREFIX: &str = ".storescp/folder/";
+
+/// `folder/<xx>/<token>` of `folder`, relative to the root.
+fn folder_link_name(folder: &str) -> String {
+    let token = stable_hash(folder);
+    format!("{FOLDER_LINK_PREFIX}{:02x}/{token:016x}", token % FOLDERS)
+}
+
+/// The folder of `relpath` when it is `<folder>/<sop_uid>.dcm` (`.` for the root).
+fn folder_of<'a>(relpath: &'a str, sop_uid: &str) -> Option<&'a str> {
+    match relpath.strip_suffix(".dcm")?.strip_suffix(sop_uid)? {
+        "" => Some("."),
+        folder => folder.strip_suffix('/').filter(|f| !f.is_empty()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn tempdir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("storescp-registry-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        for sub in ["sop", "folder"] {
+            fs::create_dir_all(dir.join(PRIVATE_DIR).join(sub)).unwrap();
+        }
+        dir
+    }
+
+    /// ext4 keeps a target shorter than 60 bytes inside the symlink's inode.
+    #[test]
+    fn folder_link_names_fit_in_an_inode() {
+        assert_eq!(folder_link_name("1.2.3/1.2.3.4").len(), 36);
+        assert!(folder_link_name(&"9".repeat(129)).len() < 60);
+    }
+
+    #[test]
+    fn only_files_named_by_their_uid_have_a_folder() {
+        assert_eq!(folder_of("1.2/1.3/1.4.dcm", "1.4"), Some("1.2/1.3"));
+        assert_eq!(folder_of("1.4.dcm", "1.4"), Some("."));
+        assert_eq!(folder_of("1.2/11.4.dcm", "1.4"), None);
+        assert_eq!(folder_of("/1.4.dcm", "1.4"), None);
+        assert_eq!(folder_of("1.2/1.4.dcm", "1.5"), None);
+    }
+
+    /// An entry names its file through the folder link, in the root too; an entry of
+    /// an older version (the path itself) reads as before.
+    #[test]
+    fn entries_name_their_file_through_folder_links() {
+        let root = tempdir("entries");
+        let registry = Registry::new(&root);
+        let mut changed = Vec::new();
+        for (relpath, uid) in [("1.2/1.3/1.4.dcm", "1.4"), ("1.5.dcm", "1.5")] {
+            let target = registry.target(relpath, uid, &mut changed);
+            assert!(target.starts_with(FOLDER_LINK_PREFIX), "{target}");
+            let entry = registry.entry(uid);
+            assert!(registry.claim(&entry, &target).unwrap());
+            assert!(!registry.claim(&entry, &target).unwrap());
+            assert_eq!(registry.stored_path(&entry, uid).unwrap(), relpath);
+        }
+        // The first link made `folder/` and `folder/xx`; each link changed its `xx`.
+        assert!(changed.contains(&root.join(PRIVATE_DIR).join("folder")));
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        changed.clear();
+        registry.target("1.2/1.3/1.6.dcm", "1.6", &mut changed);
+        assert!(changed.is_empty());
+
+        let old = registry.entry("1.7");
+        registry.claim(&old, "1.2/1.3/1.7.dcm").unwrap();
+        assert_eq!(
+            registry.stored_path(&old, "1.7").unwrap(),
+            "1.2/1.3/1.7.dcm"
+        );
+        assert_eq!(registry.stored_path(&registry.entry("1.8"), "1.8"), None);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A token already naming another folder is never reused: the entry holds the path.
+    #[test]
+    fn a_token_taken_by_another_folder_falls_back_to_the_path() {
+        let root = tempdir("collision");
+        let registry = Registry::new(&root);
+        let link = root.join(folder_link_name("1.2/1.3"));
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        symlink("9.9/9.9", &link).unwrap();
+        let target = registry.target("1.2/1.3/1.4.dcm", "1.4", &mut Vec::new());
+        assert_eq!(target, "1.2/1.3/1.4.dcm");
+        assert_eq!(fs::read_link(&link).unwrap(), Path::new("9.9/9.9"));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Folder links removed with the private area are made again, not trusted from memory.
+    #[test]
+    fn forgotten_folders_are_linked_again() {
+        let root = tempdir("forgotten");
+        let registry = Registry::new(&root);
+        let target = registry.target("1.2/1.4.dcm", "1.4", &mut Vec::new());
+        fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
+        fs::create_dir_all(root.join(PRIVATE_DIR).join("folder")).unwrap();
+        registry.forget_folders();
+        assert_eq!(
+            registry.target("1.2/1.5.dcm", "1.5", &mut Vec::new()),
+            target
+        );
+        assert!(root.join(&target).is_symlink());
+        fs::remove_dir_all(root).unwrap();
+    }
+}
