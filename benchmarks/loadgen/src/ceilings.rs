@@ -360,9 +360,10 @@ fn durable_parallel(
     per_second_then_cleanup(per_writer * writers, started, &sub, cleanup)
 }
 
-/// Length of a registry symlink's target in [`store_with_registry`]: a hierarchical
-/// path of three 55-character UIDs, too long for ext4 to keep in the inode.
-const REGISTRY_TARGET_LEN: usize = 170;
+/// Length of a registry symlink's target in [`store_with_registry`]: that of the folder
+/// link storescp's entries name (`.storescp/folder/<xx>/<16 hex digits>`, made once per
+/// folder), which ext4 keeps inside the symlink's inode.
+const REGISTRY_TARGET_LEN: usize = 36;
 
 /// Instances per second, all writers together, of the filesystem work storescp does for
 /// each instance with fsync off, `writers` threads at once ([`store_instance`], 4 KB each,
