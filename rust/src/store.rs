@@ -229,6 +229,7 @@ pub struct Store {
     dir_syncs: DirectorySyncs,
     /// Cleared once the filesystem refuses O_TMPFILE.
     anonymous_ok: AtomicBool,
+    /// The duplicate registry (`sop/`, `folder/`).
     registry: Registry,
 }
 
@@ -346,10 +347,11 @@ impl Store {
         // Registering and sweeping under the commit lock: a sweeper never sees a run
         // whose lock file exists but is not yet held.
         flock(&commit_flock, libc::LOCK_EX)?;
+        let registry = Registry::new(&config.root);
         let registered = (|| {
             let run_lock = hold_run_lock(&private, &run_id)?;
             sweep_dead_runs(&private)?;
-            Registry::new(&config.root).migrate_flat()?;
+            registry.migrate_flat()?;
             let tmp_dir = private.join("tmp").join(&run_id);
             fs::create_dir(&tmp_dir)?;
             Ok::<_, io::Error>((run_lock, tmp_dir))
@@ -388,7 +390,7 @@ impl Store {
             dir_syncs: DirectorySyncs::default(),
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
-            registry: Registry::new(&config.root),
+            registry,
             config,
         })
     }
