@@ -18,7 +18,8 @@
 //!   itself), made once per folder and never changed; `token` is the folder's 64-bit
 //!   hash in hex, `xx` that hash modulo 256.
 //!
-//! Links of an older, flat `sop/<SOPInstanceUID>` are moved into their folders at start.
+//! The 256 folders of each are made at start ([`Registry::make_folders`]). Links of an
+//! older, flat `sop/<SOPInstanceUID>` are moved into their folders then too.
 
 use std::collections::HashSet;
 use std::fs;
@@ -58,6 +59,22 @@ impl Registry {
             root: root.to_path_buf(),
             known_folders: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Makes every folder of `sop/` and `folder/` that is missing, so that a new root's
+    /// first instances do not each make one (a directory is an inode and a block,
+    /// often in a block group of its own). Both folders must exist.
+    pub fn make_folders(&self) -> io::Result<()> {
+        let private = self.root.join(PRIVATE_DIR);
+        for top in ["sop", "folder"] {
+            for k in 0..FOLDERS {
+                match fs::create_dir(private.join(top).join(format!("{k:02x}"))) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The entry of `sop_uid`: `sop/<xx>/<uid>`.
@@ -269,6 +286,29 @@ mod tests {
             "1.2/1.3/1.7.dcm"
         );
         assert_eq!(registry.stored_path(&registry.entry("1.8"), "1.8"), None);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Every folder of `sop/` and `folder/` is there before the first instance, and
+    /// making them again changes nothing.
+    #[test]
+    fn folders_are_made_ahead() {
+        let root = tempdir("ahead");
+        let registry = Registry::new(&root);
+        registry.make_folders().unwrap();
+        registry.make_folders().unwrap();
+        for top in ["sop", "folder"] {
+            let made = fs::read_dir(root.join(PRIVATE_DIR).join(top))
+                .unwrap()
+                .count();
+            assert_eq!(made, FOLDERS as usize, "{top}");
+        }
+        assert!(registry.entry("1.2").parent().unwrap().is_dir());
+        let mut changed = Vec::new();
+        let target = registry.target("1.2/1.3.dcm", "1.3", &mut changed);
+        assert!(root.join(&target).is_symlink());
+        // Only the folder link's own folder changed: its `xx` was there already.
+        assert_eq!(changed.len(), 1, "{changed:?}");
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -352,6 +352,7 @@ impl Store {
             let run_lock = hold_run_lock(&private, &run_id)?;
             sweep_dead_runs(&private)?;
             registry.migrate_flat()?;
+            registry.make_folders()?;
             let tmp_dir = private.join("tmp").join(&run_id);
             fs::create_dir(&tmp_dir)?;
             Ok::<_, io::Error>((run_lock, tmp_dir))
