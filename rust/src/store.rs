@@ -499,6 +499,7 @@ impl Store {
             fs::create_dir_all(self.private.join(sub))?;
         }
         self.registry.forget_folders();
+        self.registry.make_folders()?;
         // The files this run keeps open went with the area: open them anew, so that other
         // processes see this run alive and lock the same shard files, and the index finds
         // this run's next journal lines. Each is replaced under its mutex, so nobody holds
@@ -1392,6 +1393,7 @@ mod tests {
         fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
         let mut inc = s.begin_in(spare, b"HDR").unwrap();
         assert!(s.tmp_dir.is_dir());
+        assert!(root.join(PRIVATE_DIR).join("folder/ff").is_dir());
         inc.write(&[b"body"]).unwrap();
         let placed = s.commit(inc, "1.2.dcm", "1.2", None).unwrap();
         assert_eq!(placed.outcome, Outcome::Stored);
