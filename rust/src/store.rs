@@ -1593,6 +1593,30 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
+    /// Two stores on one root (two processes) share a folder's link: the second finds
+    /// the first's and uses it, and each sees the other's instances as duplicates.
+    #[test]
+    fn stores_on_one_root_share_folder_links() {
+        let root = tempdir("shared-folder");
+        let (a, b) = (
+            store(&root, DuplicatePolicy::Reject, Naming::Hierarchical),
+            store(&root, DuplicatePolicy::Reject, Naming::Hierarchical),
+        );
+        assert_eq!(put(&a, "1.2/1.3/1.4.dcm", "1.4", b"a"), Outcome::Stored);
+        assert_eq!(put(&b, "1.2/1.3/1.5.dcm", "1.5", b"b"), Outcome::Stored);
+        let (one, two) = (a.registry.entry("1.4"), b.registry.entry("1.5"));
+        assert_eq!(fs::read_link(&one).unwrap(), fs::read_link(&two).unwrap());
+        assert_eq!(
+            put(&b, "9.9/9.9/1.4.dcm", "1.4", b"again"),
+            Outcome::Duplicate("1.2/1.3/1.4.dcm".into())
+        );
+        assert_eq!(
+            put(&a, "1.2/1.3/1.5.dcm", "1.5", b"again"),
+            Outcome::Duplicate("1.2/1.3/1.5.dcm".into())
+        );
+        fs::remove_dir_all(root).unwrap();
+    }
+
     #[test]
     fn dead_runs_are_swept() {
         let root = tempdir("sweep");
