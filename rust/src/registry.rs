@@ -21,7 +21,7 @@
 //! The 256 folders of each are made at start ([`Registry::make_folders`]). Links of an
 //! older, flat `sop/<SOPInstanceUID>` are moved into their folders then too.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
@@ -49,15 +49,16 @@ pub fn stable_hash(s: &str) -> u64 {
 /// The registry of one storage root.
 pub struct Registry {
     root: PathBuf,
-    /// Folders whose link this process made or read back (see [`KNOWN_FOLDERS`]).
-    known_folders: Mutex<HashSet<String>>,
+    /// Token -> folder of the folder links this process made or read back (see
+    /// [`KNOWN_FOLDERS`]).
+    known_folders: Mutex<HashMap<u64, String>>,
 }
 
 impl Registry {
     pub fn new(root: &Path) -> Registry {
         Registry {
             root: root.to_path_buf(),
-            known_folders: Mutex::new(HashSet::new()),
+            known_folders: Mutex::new(HashMap::new()),
         }
     }
 
@@ -94,9 +95,10 @@ impl Registry {
         let Some(folder) = folder_of(relpath, sop_uid) else {
             return relpath.to_string();
         };
-        let name = folder_link_name(folder);
+        let token = stable_hash(folder);
+        let name = folder_link_name(token);
         let mut known = self.known_folders.lock().unwrap_or_else(|e| e.into_inner());
-        if known.contains(folder) {
+        if known.get(&token).is_some_and(|f| f == folder) {
             return name;
         }
         match self.link_folder(&name, folder, changed) {
@@ -104,7 +106,7 @@ impl Registry {
                 if known.len() >= KNOWN_FOLDERS {
                     known.clear();
                 }
-                known.insert(folder.to_string());
+                known.insert(token, folder.to_string());
                 name
             }
             // Another folder's link under this token, or no link to be had: the path.
@@ -115,47 +117,34 @@ impl Registry {
     /// Makes the folder link `name` -> `folder`, or checks that the one there names it.
     fn link_folder(&self, name: &str, folder: &str, changed: &mut Vec<PathBuf>) -> io::Result<()> {
         let link = self.root.join(name);
+        let mut made_folder = false;
+        if !make_symlink(folder, &link, &mut made_folder)? {
+            return match fs::read_link(&link)? == Path::new(folder) {
+                true => Ok(()),
+                false => Err(io::Error::other("folder token taken by another folder")),
+            };
+        }
         let parent = link.parent().unwrap_or(&self.root);
-        let mut made = symlink(folder, &link);
-        if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            match fs::create_dir(parent) {
-                Ok(()) => changed.push(parent.parent().unwrap_or(parent).to_path_buf()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            made = symlink(folder, &link);
+        if made_folder {
+            changed.push(parent.parent().unwrap_or(parent).to_path_buf());
         }
-        match made {
-            Ok(()) => {
-                changed.push(parent.to_path_buf());
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                if fs::read_link(&link)? == Path::new(folder) {
-                    Ok(())
-                } else {
-                    Err(io::Error::other("folder token taken by another folder"))
-                }
-            }
-            Err(e) => Err(e),
-        }
+        changed.push(parent.to_path_buf());
+        Ok(())
     }
 
-    /// Creates the entry `entry` -> `target` (its folder on first use). False when the
-    /// entry exists already: the UID was seen before.
+    /// Creates the entry `entry` -> `target`. False when the entry exists already: the
+    /// UID was seen before.
     pub fn claim(&self, entry: &Path, target: &str) -> io::Result<bool> {
-        let mut made = symlink(target, entry);
-        if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-            match fs::create_dir(entry.parent().unwrap_or(entry)) {
-                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-                _ => made = symlink(target, entry),
-            }
-        }
-        match made {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        }
+        make_symlink(target, entry, &mut false)
+    }
+
+    /// Points an existing entry (dangling or naming another file) at `target`,
+    /// atomically: the new link is made at `staged` (a free name on the same
+    /// filesystem) and renamed over it.
+    pub fn repoint(&self, entry: &Path, target: &str, staged: &Path) -> io::Result<()> {
+        let _ = fs::remove_file(staged);
+        symlink(target, staged)?;
+        fs::rename(staged, entry)
     }
 
     /// The path, relative to the root, that the entry of `sop_uid` at `entry` names
@@ -212,9 +201,28 @@ impl Registry {
 /// How every folder link's name starts (no stored path starts with a dot).
 const FOLDER_LINK_PREFIX: &str = ".storescp/folder/";
 
-/// `folder/<xx>/<token>` of `folder`, relative to the root.
-fn folder_link_name(folder: &str) -> String {
-    let token = stable_hash(folder);
+/// Creates the symlink `link` -> `target`, making its folder first when that is
+/// missing (an operator removed it; `made_folder` is then set). False when `link`
+/// exists already.
+fn make_symlink(target: &str, link: &Path, made_folder: &mut bool) -> io::Result<bool> {
+    let mut made = symlink(target, link);
+    if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
+        match fs::create_dir(link.parent().unwrap_or(link)) {
+            Ok(()) => *made_folder = true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        made = symlink(target, link);
+    }
+    match made {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `folder/<xx>/<token>`, relative to the root, of the folder whose hash is `token`.
+fn folder_link_name(token: u64) -> String {
     format!("{FOLDER_LINK_PREFIX}{:02x}/{token:016x}", token % FOLDERS)
 }
 
@@ -244,8 +252,8 @@ mod tests {
     /// ext4 keeps a target shorter than 60 bytes inside the symlink's inode.
     #[test]
     fn folder_link_names_fit_in_an_inode() {
-        assert_eq!(folder_link_name("1.2.3/1.2.3.4").len(), 36);
-        assert!(folder_link_name(&"9".repeat(129)).len() < 60);
+        assert_eq!(folder_link_name(stable_hash("1.2.3/1.2.3.4")).len(), 36);
+        assert!(folder_link_name(u64::MAX).len() < 60);
     }
 
     #[test]
@@ -317,7 +325,7 @@ mod tests {
     fn a_token_taken_by_another_folder_falls_back_to_the_path() {
         let root = tempdir("collision");
         let registry = Registry::new(&root);
-        let link = root.join(folder_link_name("1.2/1.3"));
+        let link = root.join(folder_link_name(stable_hash("1.2/1.3")));
         fs::create_dir_all(link.parent().unwrap()).unwrap();
         symlink("9.9/9.9", &link).unwrap();
         let target = registry.target("1.2/1.3/1.4.dcm", "1.4", &mut Vec::new());

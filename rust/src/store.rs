@@ -737,13 +737,11 @@ impl Store {
     }
 
     /// Points an existing registry entry (dangling or pointing elsewhere) at `target`,
-    /// swapping it atomically.
+    /// staged under a free name in this run's temporary folder.
     fn point_registry(&self, link: &Path, target: &str) -> io::Result<()> {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
         let staged = self.tmp_dir.join(format!("{n}.link"));
-        let _ = fs::remove_file(&staged);
-        std::os::unix::fs::symlink(target, &staged)?;
-        fs::rename(&staged, link)
+        self.registry.repoint(link, target, &staged)
     }
 
     /// Gives `incoming` its final name; `overwrite` replaces an existing file atomically,
