@@ -78,7 +78,7 @@ class StorageLayout:
         """SOP Instance UID -> relative path, for every registry link (dangling included,
         but not one whose folder link is missing)."""
         entries: dict[str, str] = {}
-        folders: dict[str, str | None] = {}
+        folders: dict[str, str | None] = {}  # folder link -> its folder, read once
         for entry in self._registry_links():
             with suppress(OSError):  # vanished meanwhile
                 target = os.readlink(entry.path)
@@ -86,12 +86,8 @@ class StorageLayout:
                     entries[entry.name] = target
                     continue
                 if target not in folders:
-                    try:
-                        folders[target] = os.readlink(self.root / target)
-                    except OSError:
-                        folders[target] = None
-                folder = folders[target]
-                if folder is not None:
+                    folders[target] = _readlink_or_none(self.root / target)
+                if (folder := folders[target]) is not None:
                     name = f"{entry.name}.dcm"
                     entries[entry.name] = name if folder == "." else f"{folder}/{name}"
         return entries
@@ -183,6 +179,14 @@ def _try_lock(fd: int) -> bool:
             return False
         raise
     return True
+
+
+def _readlink_or_none(link: Path) -> str | None:
+    """The target of `link`, or None when it cannot be read (missing, not a link)."""
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None
 
 
 def _scandir(directory: Path) -> list[os.DirEntry[str]]:
