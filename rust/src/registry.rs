@@ -15,8 +15,10 @@
 //!   - the file's path itself (entries written before folder links, or when a folder's
 //!     token is taken by another folder).
 //! - `folder/<xx>/<token>`: a symlink to a folder holding stored files (`.` for the root
-//!   itself), made once per folder and never changed; `token` is the folder's 64-bit
-//!   hash in hex, `xx` that hash modulo 256.
+//!   itself), made when a process stores a folder's second instance (the first one's
+//!   entry holds its path: a folder of one instance, an SR's series say, would pay an
+//!   inode for a link nobody else uses) and never changed; `token` is the folder's
+//!   64-bit hash in hex, `xx` that hash modulo 256.
 //!
 //! The 256 folders of each are made at start ([`Registry::make_folders`]). Links of an
 //! older, flat `sop/<SOPInstanceUID>` are moved into their folders then too.
@@ -33,8 +35,8 @@ use crate::store::PRIVATE_DIR;
 /// Folders of `sop/` and of `folder/`.
 const FOLDERS: u64 = 256;
 
-/// Folder links known to name their folder are remembered up to this many (a series
-/// each with hierarchical naming); past it the memory starts over.
+/// Folders seen are remembered up to this many (a series each with hierarchical
+/// naming); past it the memory starts over.
 const KNOWN_FOLDERS: usize = 4096;
 
 /// FNV-1a: stable across processes and versions, unlike std's hasher, since every
@@ -49,9 +51,15 @@ pub fn stable_hash(s: &str) -> u64 {
 /// The registry of one storage root.
 pub struct Registry {
     root: PathBuf,
-    /// Token -> folder of the folder links this process made or read back (see
-    /// [`KNOWN_FOLDERS`]).
-    known_folders: Mutex<HashMap<u64, String>>,
+    /// Token -> the folders this process stored into (see [`KNOWN_FOLDERS`]).
+    known_folders: Mutex<HashMap<u64, KnownFolder>>,
+}
+
+/// A folder this process stored an instance into.
+struct KnownFolder {
+    folder: String,
+    /// Whether its folder link is known to name it (made or read back).
+    linked: bool,
 }
 
 impl Registry {
@@ -89,28 +97,39 @@ impl Registry {
     }
 
     /// The target for an entry of the file `relpath` of `sop_uid`: its folder's link
-    /// when it can have one, made now if missing (its directory, and `folder/` when
-    /// `xx` is new, are pushed on `changed`: their entries changed), else `relpath`.
+    /// when it can have one and this process stored into the folder before, made now if
+    /// missing (its directory, and `folder/` when `xx` is new, are pushed on `changed`:
+    /// their entries changed), else `relpath`.
     pub fn target(&self, relpath: &str, sop_uid: &str, changed: &mut Vec<PathBuf>) -> String {
         let Some(folder) = folder_of(relpath, sop_uid) else {
             return relpath.to_string();
         };
         let token = stable_hash(folder);
-        let name = folder_link_name(token);
         let mut known = self.known_folders.lock().unwrap_or_else(|e| e.into_inner());
-        if known.get(&token).is_some_and(|f| f == folder) {
-            return name;
-        }
-        match self.link_folder(&name, folder, changed) {
-            Ok(()) => {
+        match known.get_mut(&token) {
+            Some(k) if k.folder == folder && k.linked => folder_link_name(token),
+            Some(k) if k.folder == folder => {
+                let name = folder_link_name(token);
+                match self.link_folder(&name, folder, changed) {
+                    Ok(()) => {
+                        k.linked = true;
+                        name
+                    }
+                    // Another folder's link under this token, or no link to be had.
+                    Err(_) => relpath.to_string(),
+                }
+            }
+            _ => {
                 if known.len() >= KNOWN_FOLDERS {
                     known.clear();
                 }
-                known.insert(token, folder.to_string());
-                name
+                let first = KnownFolder {
+                    folder: folder.to_string(),
+                    linked: false,
+                };
+                known.insert(token, first);
+                relpath.to_string()
             }
-            // Another folder's link under this token, or no link to be had: the path.
-            Err(_) => relpath.to_string(),
         }
     }
 
@@ -265,16 +284,26 @@ mod tests {
         assert_eq!(folder_of("1.2/1.4.dcm", "1.5"), None);
     }
 
-    /// An entry names its file through the folder link, in the root too; an entry of
-    /// an older version (the path itself) reads as before.
+    /// A folder's first entry holds the file's path and the next ones name it through
+    /// the folder's link, in the root too; an entry of an older version (the path
+    /// itself) reads as before.
     #[test]
     fn entries_name_their_file_through_folder_links() {
         let root = tempdir("entries");
         let registry = Registry::new(&root);
         let mut changed = Vec::new();
-        for (relpath, uid) in [("1.2/1.3/1.4.dcm", "1.4"), ("1.5.dcm", "1.5")] {
+        let stores = [
+            ("1.2/1.3/1.4.dcm", "1.4"),
+            ("1.2/1.3/1.5.dcm", "1.5"),
+            ("1.6.dcm", "1.6"),
+            ("1.7.dcm", "1.7"),
+        ];
+        for (n, (relpath, uid)) in stores.into_iter().enumerate() {
             let target = registry.target(relpath, uid, &mut changed);
-            assert!(target.starts_with(FOLDER_LINK_PREFIX), "{target}");
+            match n % 2 {
+                0 => assert_eq!(target, relpath),
+                _ => assert!(target.starts_with(FOLDER_LINK_PREFIX), "{target}"),
+            }
             let entry = registry.entry(uid);
             assert!(registry.claim(&entry, &target).unwrap());
             assert!(!registry.claim(&entry, &target).unwrap());
@@ -284,16 +313,9 @@ mod tests {
         assert!(changed.contains(&root.join(PRIVATE_DIR).join("folder")));
         assert_eq!(changed.len(), 4, "{changed:?}");
         changed.clear();
-        registry.target("1.2/1.3/1.6.dcm", "1.6", &mut changed);
+        registry.target("1.2/1.3/1.8.dcm", "1.8", &mut changed);
         assert!(changed.is_empty());
-
-        let old = registry.entry("1.7");
-        registry.claim(&old, "1.2/1.3/1.7.dcm").unwrap();
-        assert_eq!(
-            registry.stored_path(&old, "1.7").unwrap(),
-            "1.2/1.3/1.7.dcm"
-        );
-        assert_eq!(registry.stored_path(&registry.entry("1.8"), "1.8"), None);
+        assert_eq!(registry.stored_path(&registry.entry("1.9"), "1.9"), None);
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -313,7 +335,8 @@ mod tests {
         }
         assert!(registry.entry("1.2").parent().unwrap().is_dir());
         let mut changed = Vec::new();
-        let target = registry.target("1.2/1.3.dcm", "1.3", &mut changed);
+        registry.target("1.2/1.3.dcm", "1.3", &mut changed);
+        let target = registry.target("1.2/1.4.dcm", "1.4", &mut changed);
         assert!(root.join(&target).is_symlink());
         // Only the folder link's own folder changed: its `xx` was there already.
         assert_eq!(changed.len(), 1, "{changed:?}");
@@ -328,8 +351,9 @@ mod tests {
         let link = root.join(folder_link_name(stable_hash("1.2/1.3")));
         fs::create_dir_all(link.parent().unwrap()).unwrap();
         symlink("9.9/9.9", &link).unwrap();
-        let target = registry.target("1.2/1.3/1.4.dcm", "1.4", &mut Vec::new());
-        assert_eq!(target, "1.2/1.3/1.4.dcm");
+        registry.target("1.2/1.3/1.4.dcm", "1.4", &mut Vec::new());
+        let target = registry.target("1.2/1.3/1.5.dcm", "1.5", &mut Vec::new());
+        assert_eq!(target, "1.2/1.3/1.5.dcm");
         assert_eq!(fs::read_link(&link).unwrap(), Path::new("9.9/9.9"));
         fs::remove_dir_all(root).unwrap();
     }
@@ -339,12 +363,14 @@ mod tests {
     fn forgotten_folders_are_linked_again() {
         let root = tempdir("forgotten");
         let registry = Registry::new(&root);
-        let target = registry.target("1.2/1.4.dcm", "1.4", &mut Vec::new());
+        registry.target("1.2/1.4.dcm", "1.4", &mut Vec::new());
+        let target = registry.target("1.2/1.5.dcm", "1.5", &mut Vec::new());
         fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
         fs::create_dir_all(root.join(PRIVATE_DIR).join("folder")).unwrap();
         registry.forget_folders();
+        registry.target("1.2/1.6.dcm", "1.6", &mut Vec::new());
         assert_eq!(
-            registry.target("1.2/1.5.dcm", "1.5", &mut Vec::new()),
+            registry.target("1.2/1.7.dcm", "1.7", &mut Vec::new()),
             target
         );
         assert!(root.join(&target).is_symlink());

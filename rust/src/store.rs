@@ -45,8 +45,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::direct_write::DirectWriter;
@@ -172,13 +173,36 @@ impl Placed<'_> {
             return Ok(());
         }
         let final_path = store.config.root.join(&self.relpath);
-        store
-            .dir_syncs
-            .sync(final_path.parent().unwrap_or(&store.config.root))?;
-        for dir in &self.created {
-            store.dir_syncs.sync(dir)?;
+        let folder = final_path.parent().unwrap_or(&store.config.root);
+        if self.created.is_empty() {
+            return store.dir_syncs.sync(folder);
         }
-        Ok(())
+        // A new study's instance changes three directories (root, study, series): their
+        // syncs run side by side, so that it waits for the device once, not three times.
+        std::thread::scope(|scope| {
+            let others: Vec<_> = self
+                .created
+                .iter()
+                .map(|dir| {
+                    let sync = move || store.dir_syncs.sync(dir);
+                    thread::Builder::new()
+                        .spawn_scoped(scope, sync)
+                        .map_err(|_| dir)
+                })
+                .collect();
+            let mut result = store.dir_syncs.sync(folder);
+            for other in others {
+                let synced = match other {
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("directory sync panicked"))),
+                    // No thread to be had: this one does it.
+                    Err(dir) => store.dir_syncs.sync(dir),
+                };
+                result = result.and(synced);
+            }
+            result
+        })
     }
 }
 
@@ -1040,16 +1064,20 @@ fn write_all_vectored(file: &mut File, mut slices: &mut [io::IoSlice<'_>]) -> io
 }
 
 /// Whether this process may link a descriptor itself (`linkat` with `AT_EMPTY_PATH`:
-/// with CAP_DAC_READ_SEARCH, or since Linux 6.10 for a file it opened); cleared on the
-/// first refusal.
-static EMPTY_PATH_LINKS: AtomicBool = AtomicBool::new(true);
+/// with CAP_DAC_READ_SEARCH, or since Linux 6.10 for a file it opened): not known yet,
+/// known to work, or refused.
+static EMPTY_PATH_LINKS: AtomicU8 = AtomicU8::new(EMPTY_PATH_UNKNOWN);
+const EMPTY_PATH_UNKNOWN: u8 = 0;
+const EMPTY_PATH_WORKS: u8 = 1;
+const EMPTY_PATH_REFUSED: u8 = 2;
 
 /// Links an O_TMPFILE into the directory tree under `target` (fails if it exists):
 /// from its descriptor where allowed, else through /proc/self/fd, which needs no
 /// privilege but costs a walk of /proc (linkat(2)).
 pub fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
     let target = CString::new(target.as_os_str().as_bytes())?;
-    if !EMPTY_PATH_LINKS.load(Ordering::Relaxed) {
+    let allowed = EMPTY_PATH_LINKS.load(Ordering::Relaxed);
+    if allowed == EMPTY_PATH_REFUSED {
         return link_through_proc(file, &target);
     }
     // SAFETY: NUL-terminated strings that outlive the call; `file` keeps its fd open.
@@ -1063,16 +1091,18 @@ pub fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
         )
     };
     if rc == 0 {
+        EMPTY_PATH_LINKS.store(EMPTY_PATH_WORKS, Ordering::Relaxed);
         return Ok(());
     }
     let refused = io::Error::last_os_error();
-    if refused.raw_os_error() != Some(libc::ENOENT) {
+    if refused.raw_os_error() != Some(libc::ENOENT) || allowed == EMPTY_PATH_WORKS {
         return Err(refused);
     }
-    // ENOENT is both "no such folder" and "flag not allowed": /proc tells which.
+    // ENOENT is both "no such folder" and "flag not allowed" until a link has worked:
+    // /proc tells which.
     let linked = link_through_proc(file, &target);
     if linked.is_ok() {
-        EMPTY_PATH_LINKS.store(false, Ordering::Relaxed);
+        EMPTY_PATH_LINKS.store(EMPTY_PATH_REFUSED, Ordering::Relaxed);
     }
     linked
 }
@@ -1591,6 +1621,36 @@ mod tests {
         fs::remove_dir_all(root).unwrap();
     }
 
+    /// With fsync on, an instance that made folders syncs every directory whose entries
+    /// changed, side by side, and any one failing is the instance's failure.
+    #[test]
+    fn every_changed_directory_is_synced() {
+        let root = tempdir("changed-dirs");
+        let s = durable_store(&root, false);
+        let mut inc = s.begin(b"HDR").unwrap();
+        inc.write(&[b"a"]).unwrap();
+        let placed = s.commit(inc, "1.2/1.3/1.4.dcm", "1.4", None).unwrap();
+        assert_eq!(placed.outcome, Outcome::Stored);
+        assert_eq!(placed.created, [root.clone(), root.join("1.2")]);
+        placed.make_durable().unwrap();
+        let with_missing = |created: Vec<PathBuf>| Placed {
+            store: &s,
+            outcome: Outcome::Stored,
+            file_size: 1,
+            relpath: "1.2/1.3/1.4.dcm".into(),
+            created,
+            journal_line: None,
+        };
+        let missing = root.join("9.9");
+        assert!(with_missing(vec![root.clone(), missing.clone()])
+            .make_durable()
+            .is_err());
+        assert!(with_missing(vec![missing, root.join("1.2")])
+            .make_durable()
+            .is_err());
+        fs::remove_dir_all(root).unwrap();
+    }
+
     /// Two stores on one root (two processes) share a folder's link: the second finds
     /// the first's and uses it, and each sees the other's instances as duplicates.
     #[test]
@@ -1600,9 +1660,14 @@ mod tests {
             store(&root, DuplicatePolicy::Reject, Naming::Hierarchical),
             store(&root, DuplicatePolicy::Reject, Naming::Hierarchical),
         );
-        assert_eq!(put(&a, "1.2/1.3/1.4.dcm", "1.4", b"a"), Outcome::Stored);
-        assert_eq!(put(&b, "1.2/1.3/1.5.dcm", "1.5", b"b"), Outcome::Stored);
-        let (one, two) = (a.registry.entry("1.4"), b.registry.entry("1.5"));
+        // Each store's second instance in the folder is the one named through its link.
+        for (s, uids) in [(&a, ["1.4", "1.6"]), (&b, ["1.5", "1.7"])] {
+            for uid in uids {
+                let relpath = format!("1.2/1.3/{uid}.dcm");
+                assert_eq!(put(s, &relpath, uid, b"a"), Outcome::Stored);
+            }
+        }
+        let (one, two) = (a.registry.entry("1.6"), b.registry.entry("1.7"));
         assert_eq!(fs::read_link(&one).unwrap(), fs::read_link(&two).unwrap());
         assert_eq!(
             put(&b, "9.9/9.9/1.4.dcm", "1.4", b"again"),
