@@ -17,14 +17,16 @@ Transfer syntaxes: ``explicit`` (1.2.840.10008.1.2.1), ``implicit`` (1.2.840.100
 
 Guarantees: the same arguments produce byte-identical files (for one pydicom version);
 every UID is ``2.25.<decimal of 120 bits of SHA-256>`` of a label that includes the kind,
-syntax and index, so corpora of different kinds or syntaxes never share a UID; instances
-are grouped 100 per series and 10 series per study (one patient per study). Pixel data is
+syntax, grouping and index, so corpora of different kinds, syntaxes or groupings never
+share a UID. Grouping ``grouped`` (the default) puts 100 instances in a series and 10 series
+in a study (one patient per study); ``single`` gives every instance a study and a series of
+its own, as structured reports, key objects and radiographs usually come. Pixel data is
 a synthetic phantom (a disc with noise in the low bits) cycled over four variants, so RLE
 compresses it roughly as it compresses real CT. Needs pydicom only (no numpy).
 
 Usage::
 
-    python3 benchmarks/corpus.py OUTDIR --kind tiny --count 5000 --syntax mixed
+    python3 benchmarks/corpus.py OUTDIR --kind tiny --count 5000 --syntax mixed [--grouping single]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import random
 import sys
 from array import array
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -65,8 +68,16 @@ SYNTAXES: dict[str, UID] = {
 }
 MIXED_CYCLE = ("explicit", "implicit", "rle")
 
-INSTANCES_PER_SERIES = 100
-SERIES_PER_STUDY = 10
+
+@dataclass(frozen=True)
+class Grouping:
+    """How many instances go to a series, and series to a study."""
+
+    per_series: int
+    series_per_study: int
+
+
+GROUPINGS: dict[str, Grouping] = {"grouped": Grouping(100, 10), "single": Grouping(1, 1)}
 PIXEL_VARIANTS = 4
 LARGE_FRAMES = 200
 
@@ -177,10 +188,10 @@ def rle_frame(rows: int, columns: int, variant: int) -> bytes:
     return cached
 
 
-def _patient_study(kind: str, syntax: str, index: int) -> dict[str, str]:
+def _patient_study(kind: str, syntax: str, index: int, grouping: Grouping) -> dict[str, str]:
     """Attributes shared by all instances of one study."""
-    study = index // (INSTANCES_PER_SERIES * SERIES_PER_STUDY)
-    series = index // INSTANCES_PER_SERIES
+    study = index // (grouping.per_series * grouping.series_per_study)
+    series = index // grouping.per_series
     first = _FIRST_NAMES[study % len(_FIRST_NAMES)]
     last = _LAST_NAMES[(study // len(_FIRST_NAMES)) % len(_LAST_NAMES)]
     return {
@@ -196,8 +207,8 @@ def _patient_study(kind: str, syntax: str, index: int) -> dict[str, str]:
         "StudyID": str(study + 1),
         "AccessionNumber": f"ACC{study:07d}",
         "StudyDescription": _STUDY_DESCRIPTIONS[study % len(_STUDY_DESCRIPTIONS)],
-        "SeriesNumber": str(series % SERIES_PER_STUDY + 1),
-        "InstanceNumber": str(index % INSTANCES_PER_SERIES + 1),
+        "SeriesNumber": str(series % grouping.series_per_study + 1),
+        "InstanceNumber": str(index % grouping.per_series + 1),
     }
 
 
@@ -256,10 +267,16 @@ def _set_pixels(
 
 
 def make_ct(
-    kind: str, syntax_label: str, index: int, rows: int, columns: int, syntax: str
+    kind: str,
+    syntax_label: str,
+    index: int,
+    rows: int,
+    columns: int,
+    syntax: str,
+    grouping: Grouping,
 ) -> Dataset:
     """A single-frame CT Image Storage instance (PS3.3 A.3)."""
-    attrs = _patient_study(kind, syntax_label, index)
+    attrs = _patient_study(kind, syntax_label, index, grouping)
     sop = uid_for(f"{kind}/{syntax_label}/instance/{index}")
     ds = _base_dataset(CTImageStorage, sop, attrs)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -271,7 +288,7 @@ def make_ct(
     ds.KVP = "120"
     ds.SliceThickness = "1.0"
     ds.PatientPosition = "HFS"
-    position = index % INSTANCES_PER_SERIES
+    position = index % grouping.per_series
     ds.ImagePositionPatient = ["-250.0", "-250.0", f"{-position:.1f}"]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.SliceLocation = f"{-position:.1f}"
@@ -286,9 +303,11 @@ def make_ct(
     return ds
 
 
-def make_multiframe(kind: str, syntax_label: str, index: int, frames: int, syntax: str) -> Dataset:
+def make_multiframe(
+    kind: str, syntax_label: str, index: int, frames: int, syntax: str, grouping: Grouping
+) -> Dataset:
     """A Multi-frame Grayscale Word SC Image (PS3.3 A.8.3) of ``frames`` 512x512 frames."""
-    attrs = _patient_study(kind, syntax_label, index)
+    attrs = _patient_study(kind, syntax_label, index, grouping)
     sop = uid_for(f"{kind}/{syntax_label}/instance/{index}")
     ds = _base_dataset(MultiFrameGrayscaleWordSecondaryCaptureImageStorage, sop, attrs)
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -310,9 +329,9 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def make_sr(kind: str, syntax_label: str, index: int) -> Dataset:
+def make_sr(kind: str, syntax_label: str, index: int, grouping: Grouping) -> Dataset:
     """A Basic Text SR instance (PS3.3 A.35.1) with a few TEXT items, no pixels."""
-    attrs = _patient_study(kind, syntax_label, index)
+    attrs = _patient_study(kind, syntax_label, index, grouping)
     sop = uid_for(f"{kind}/{syntax_label}/instance/{index}")
     ds = _base_dataset(BasicTextSRStorage, sop, attrs)
     ds.Modality = "SR"
@@ -352,25 +371,33 @@ def _file_meta(ds: Dataset, transfer_syntax: UID) -> FileMetaDataset:
     return meta
 
 
-def instances(kind: str, count: int, syntax: str) -> Iterator[tuple[str, Dataset, UID]]:
+def instances(
+    kind: str, count: int, syntax: str, grouping: str = "grouped"
+) -> Iterator[tuple[str, Dataset, UID]]:
     """Yield (file name, data set, transfer syntax) for each instance of the corpus."""
+    groups = GROUPINGS[grouping]
+    # The UIDs' labels name a grouping other than the first, which keeps its corpora as
+    # they were.
+    label = kind if grouping == "grouped" else f"{kind}-{grouping}"
     for index in range(count):
         concrete = syntax_for(syntax, index)
         if kind == "tiny":
             if index % 2:
-                ds = make_sr(kind, syntax, index)
+                ds = make_sr(label, syntax, index, groups)
                 if concrete == "rle":
                     concrete = "explicit"
             else:
-                ds = make_ct(kind, syntax, index, 32, 32, concrete)
+                ds = make_ct(label, syntax, index, 32, 32, concrete, groups)
         elif kind == "small":
-            ds = make_ct(kind, syntax, index, 512, 512, concrete)
+            ds = make_ct(label, syntax, index, 512, 512, concrete, groups)
         else:
-            ds = make_multiframe(kind, syntax, index, LARGE_FRAMES, concrete)
+            ds = make_multiframe(label, syntax, index, LARGE_FRAMES, concrete, groups)
         yield f"{kind}_{index:06d}.dcm", ds, SYNTAXES[concrete]
 
 
-def write_corpus(outdir: Path, kind: str, count: int, syntax: str) -> int:
+def write_corpus(
+    outdir: Path, kind: str, count: int, syntax: str, grouping: str = "grouped"
+) -> int:
     """Write the corpus to ``outdir``; returns the total number of bytes written.
 
     Writes ``outdir/corpus.json`` last, so its presence with matching parameters means the
@@ -381,7 +408,7 @@ def write_corpus(outdir: Path, kind: str, count: int, syntax: str) -> int:
     if stamp.exists():
         stamp.unlink()
     total = 0
-    for name, ds, transfer_syntax in instances(kind, count, syntax):
+    for name, ds, transfer_syntax in instances(kind, count, syntax, grouping):
         ds.file_meta = _file_meta(ds, transfer_syntax)
         path = outdir / name
         ds.save_as(path, enforce_file_format=True)
@@ -391,6 +418,7 @@ def write_corpus(outdir: Path, kind: str, count: int, syntax: str) -> int:
         "kind": kind,
         "count": count,
         "syntax": syntax,
+        "grouping": grouping,
         "bytes": total,
     }
     stamp.write_text(json.dumps(params, indent=2) + "\n")
@@ -403,11 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=("tiny", "small", "large"), required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--syntax", choices=(*SYNTAXES, "mixed"), default="explicit")
+    parser.add_argument("--grouping", choices=tuple(GROUPINGS), default="grouped")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    total = write_corpus(args.outdir, args.kind, args.count, args.syntax)
-    print(f"wrote {args.count} {args.kind} instances ({args.syntax}), {total} bytes: {args.outdir}")
+    total = write_corpus(args.outdir, args.kind, args.count, args.syntax, args.grouping)
+    what = f"{args.count} {args.kind} instances ({args.syntax}, {args.grouping})"
+    print(f"wrote {what}, {total} bytes: {args.outdir}")
     return 0
 
 

@@ -22,6 +22,7 @@ Usage::
 
     python3 benchmarks/harness.py --runs 5
     python3 benchmarks/harness.py --scenarios tiny1,tiny4 --servers dcmtk,storescp-nofsync
+    python3 benchmarks/harness.py --scenarios tiny1s,tiny4s --servers storescp,storescp-nofsync
     python3 benchmarks/harness.py --ceilings --runs 3
     python3 benchmarks/harness.py --scenarios small4 --servers dcmtk,storescp --bounds
 """
@@ -79,6 +80,10 @@ class Scenario:
     base_count: int
     associations: int
     metric: str  # "images_per_s" | "mb_per_s" | "peak_rss_mb"
+    grouping: str = "grouped"  # corpus.py --grouping
+
+    def corpus_key(self, scale: float) -> str:
+        return f"{self.kind}-{self.grouping}-{max(1, round(self.base_count * scale))}"
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -89,8 +94,18 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("small4", "small, 4 assoc", "small", 1000, 4, "mb_per_s"),
         Scenario("large1", "large, 1 assoc", "large", 4, 1, "mb_per_s"),
         Scenario("large4", "peak RSS, large x4", "large", 4, 4, "peak_rss_mb"),
+        # Not in the issue's table: a study and series per instance (reports, radiographs),
+        # so that each instance makes its folders.
+        Scenario(
+            "tiny1s", "tiny, 1 assoc, a study each", "tiny", 5000, 1, "images_per_s", "single"
+        ),
+        Scenario(
+            "tiny4s", "tiny, 4 assoc, a study each", "tiny", 5000, 4, "images_per_s", "single"
+        ),
     )
 }
+#: The issue's table, run when --scenarios is not given.
+DEFAULT_SCENARIOS = ("tiny1", "tiny4", "small4", "large1", "large4")
 
 
 # --------------------------------------------------------------------------- servers
@@ -319,20 +334,29 @@ class Corpus:
     file_bytes: int = 0
 
 
-def ensure_corpus(base: Path, kind: str, count: int, syntax: str) -> Corpus:
+def ensure_corpus(
+    base: Path, kind: str, count: int, syntax: str, grouping: str = "grouped"
+) -> Corpus:
     """Generate the corpus unless an identical one is already there; load its digests."""
-    path = base / f"{kind}-{syntax}-{count}"
+    suffix = "" if grouping == "grouped" else f"-{grouping}"
+    path = base / f"{kind}-{syntax}-{count}{suffix}"
     stamp = path / "corpus.json"
-    wanted = {"version": corpus_mod.CORPUS_VERSION, "kind": kind, "count": count, "syntax": syntax}
-    current: dict[str, Any] = {}
+    wanted = {
+        "version": corpus_mod.CORPUS_VERSION,
+        "kind": kind,
+        "count": count,
+        "syntax": syntax,
+        "grouping": grouping,
+    }
+    current: dict[str, Any] = {"grouping": "grouped"}  # stamps from before groupings
     if stamp.exists():
         with contextlib.suppress(ValueError):
-            current = json.loads(stamp.read_text())
+            current |= json.loads(stamp.read_text())
     if any(current.get(k) != v for k, v in wanted.items()):
         if path.exists():
             shutil.rmtree(path)
         log(f"generating corpus {path.name} ...")
-        corpus_mod.write_corpus(path, kind, count, syntax)
+        corpus_mod.write_corpus(path, kind, count, syntax, grouping)
     result = Corpus(path, kind, count, syntax)
     for file in part10_files(path):
         found = dataset_digest(file)
@@ -829,7 +853,9 @@ def _main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per server and scenario")
     parser.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}"
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma list of {', '.join(SCENARIOS)} (default: {', '.join(DEFAULT_SCENARIOS)})",
     )
     parser.add_argument(
         "--servers",
@@ -891,10 +917,12 @@ def _main(argv: list[str] | None = None) -> int:
 
     corpora: dict[str, Corpus] = {}
     for s in scenarios:
-        count = max(1, round(s.base_count * args.scale))
-        key = f"{s.kind}-{count}"
+        key = s.corpus_key(args.scale)
         if key not in corpora:
-            corpora[key] = ensure_corpus(Path(args.corpus_dir), s.kind, count, args.syntax)
+            count = max(1, round(s.base_count * args.scale))
+            corpora[key] = ensure_corpus(
+                Path(args.corpus_dir), s.kind, count, args.syntax, s.grouping
+            )
     workdir = Path(args.out_dir) / "runs"
     workdir.mkdir(parents=True, exist_ok=True)
     if not args.no_wait:
@@ -906,7 +934,7 @@ def _main(argv: list[str] | None = None) -> int:
     bound_dirs: list[Path] = []
     started = time.monotonic()
     for s in scenarios:
-        corpus = corpora[f"{s.kind}-{max(1, round(s.base_count * args.scale))}"]
+        corpus = corpora[s.corpus_key(args.scale)]
         for run in range(args.runs):
             for spec in servers:
                 r = run_once(s, spec, run, corpus, loadgen, workdir, sender_args, args.keep)
