@@ -5,11 +5,17 @@
 //! sync. A sync already running may have started before the
 //! change, so it does not count; the next one to start does. Whoever finds no sync
 //! running starts one for everybody waiting; the others sleep until it completes.
+//!
+//! A caller that changed several directories (an instance of a new study: the root, the
+//! study, the series) has them synced side by side, by helper threads, so that it waits
+//! for the device once rather than once per directory.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread;
 
 #[derive(Default)]
 struct State {
@@ -66,28 +72,114 @@ impl SyncGroup {
     }
 }
 
+/// The sync groups of the directories being synced right now.
+type Groups = Mutex<HashMap<PathBuf, Arc<SyncGroup>>>;
+
+/// Helper threads for the syncs a caller does not run itself; they end once the
+/// [`DirectorySyncs`] that feeds them is gone.
+const HELPERS: usize = 4;
+
+/// A directory for a helper to sync, and where its result goes.
+struct Job {
+    dir: PathBuf,
+    done: Sender<io::Result<()>>,
+}
+
 /// Group commit of directory fsyncs, one group per directory in use.
 #[derive(Default)]
 pub struct DirectorySyncs {
-    groups: Mutex<HashMap<PathBuf, Arc<SyncGroup>>>,
+    groups: Arc<Groups>,
+    /// Started with the first caller that has more than one directory to sync; None
+    /// when no helper thread could be started.
+    helpers: OnceLock<Option<Sender<Job>>>,
 }
 
 impl DirectorySyncs {
-    /// Makes the entries of `dir` changed before this call durable.
-    pub fn sync(&self, dir: &Path) -> io::Result<()> {
-        let group = {
-            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(groups.entry(dir.to_path_buf()).or_default())
+    /// Makes the entries of every directory of `dirs` changed before this call durable,
+    /// the first on this thread and the others on helper threads meanwhile. An error of
+    /// any is the call's error.
+    pub fn sync_all(&self, dirs: &[&Path]) -> io::Result<()> {
+        let Some((first, others)) = dirs.split_first() else {
+            return Ok(());
         };
-        let result = group.sync(|| std::fs::File::open(dir)?.sync_all());
-        // Forget the group once nobody else holds it: the map only keeps directories
-        // being synced right now.
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&group) == 2 {
-            groups.remove(dir);
+        let (done, results) = mpsc::channel();
+        let mut inline = Vec::new();
+        let mut submitted = 0;
+        for dir in others {
+            let job = Job {
+                dir: dir.to_path_buf(),
+                done: done.clone(),
+            };
+            match self.submit(job) {
+                Ok(()) => submitted += 1,
+                Err(mpsc::SendError(job)) => inline.push(job.dir),
+            }
         }
-        result
+        drop(done);
+        let mut result = sync_in(&self.groups, first);
+        for dir in inline {
+            result = result.and(sync_in(&self.groups, &dir));
+        }
+        // A job's sender goes with its answer, or unanswered if its helper died.
+        let answers: Vec<_> = results.iter().take(submitted).collect();
+        if answers.len() < submitted {
+            return Err(io::Error::other("directory sync abandoned by its helper"));
+        }
+        answers.into_iter().fold(result, io::Result::and)
     }
+
+    /// Hands `job` to the helpers, starting them first if need be; the job comes back
+    /// when there are none.
+    fn submit(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
+        let helpers = self.helpers.get_or_init(|| start_helpers(&self.groups));
+        match helpers {
+            Some(queue) => queue.send(job),
+            None => Err(mpsc::SendError(job)),
+        }
+    }
+}
+
+/// Starts the helper threads on one queue; None if not even one would start.
+fn start_helpers(groups: &Arc<Groups>) -> Option<Sender<Job>> {
+    let (queue, jobs) = mpsc::channel::<Job>();
+    let jobs = Arc::new(Mutex::new(jobs));
+    let started = (0..HELPERS)
+        .filter(|k| {
+            let (groups, jobs) = (Arc::clone(groups), Arc::clone(&jobs));
+            thread::Builder::new()
+                .name(format!("storescp-dirsync-{k}"))
+                .spawn(move || help(&groups, &jobs))
+                .is_ok()
+        })
+        .count();
+    (started > 0).then_some(queue)
+}
+
+/// A helper's life: sync each directory handed over until the queue is gone.
+fn help(groups: &Groups, jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        let next = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(job) = next else { return };
+        // The caller waits for every answer, so a send only fails if it is gone.
+        let _ = job.done.send(sync_in(groups, &job.dir));
+    }
+}
+
+/// Makes the entries of `dir` changed before this call durable, sharing a sync with
+/// other callers for the same directory.
+fn sync_in(groups: &Groups, dir: &Path) -> io::Result<()> {
+    let group = {
+        let mut groups = groups.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(groups.entry(dir.to_path_buf()).or_default())
+    };
+    let result = group.sync(|| std::fs::File::open(dir)?.sync_all());
+    // Forget the group once nobody else holds it: the map only keeps directories
+    // being synced right now.
+    let mut groups = groups.lock().unwrap_or_else(|e| e.into_inner());
+    if Arc::strong_count(&group) == 2 {
+        groups.remove(dir);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -140,8 +232,34 @@ mod tests {
     fn directory_groups_are_forgotten_when_idle() {
         let syncs = DirectorySyncs::default();
         let dir = std::env::temp_dir();
-        syncs.sync(&dir).unwrap();
+        syncs.sync_all(&[&dir]).unwrap();
         assert!(syncs.groups.lock().unwrap().is_empty());
-        assert!(syncs.sync(&dir.join("missing-dir-of-storescp")).is_err());
+        assert!(syncs
+            .sync_all(&[&dir.join("missing-dir-of-storescp")])
+            .is_err());
+        assert!(
+            syncs.helpers.get().is_none(),
+            "one directory needs no helper"
+        );
+    }
+
+    /// Several directories are synced by the caller and the helpers together; a failure
+    /// of any of them, the caller's own or a helper's, is the caller's.
+    #[test]
+    fn several_directories_are_synced_side_by_side() {
+        let syncs = DirectorySyncs::default();
+        let base = std::env::temp_dir().join(format!("storescp-dirsyncs-{}", std::process::id()));
+        let dirs: Vec<PathBuf> = (0..5).map(|k| base.join(k.to_string())).collect();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+        syncs.sync_all(&all).unwrap();
+        assert!(matches!(syncs.helpers.get(), Some(Some(_))));
+        let missing = base.join("missing");
+        assert!(syncs.sync_all(&[all[0], &missing, all[1]]).is_err());
+        assert!(syncs.sync_all(&[&missing, all[0]]).is_err());
+        assert!(syncs.groups.lock().unwrap().is_empty());
+        std::fs::remove_dir_all(base).unwrap();
     }
 }

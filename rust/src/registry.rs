@@ -12,8 +12,9 @@
 //!     file is `<folder>/<SOPInstanceUID>.dcm` (every naming scheme names files so):
 //!     short enough for ext4 to keep inside the symlink's inode, where a whole path
 //!     (up to ~200 bytes) needs a data block of its own per instance; or
-//!   - the file's path itself (entries written before folder links, or when a folder's
-//!     token is taken by another folder).
+//!   - the file's path itself: for the first instance a process stores in a folder
+//!     (below), entries written before folder links, or when a folder's token is taken
+//!     by another folder.
 //! - `folder/<xx>/<token>`: a symlink to a folder holding stored files (`.` for the root
 //!   itself), made when a process stores a folder's second instance (the first one's
 //!   entry holds its path: a folder of one instance, an SR's series say, would pay an

@@ -47,7 +47,6 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::direct_write::DirectWriter;
@@ -166,43 +165,17 @@ impl Placed<'_> {
     }
 
     /// With fsync on, makes the new directory entries durable (for a stored or
-    /// replaced instance); the journal line settles when this returns.
+    /// replaced instance), those of several directories side by side; the journal line
+    /// settles when this returns.
     pub fn make_durable(self) -> io::Result<()> {
         let store = self.store;
         if !store.config.fsync || !matches!(self.outcome, Outcome::Stored | Outcome::Replaced(_)) {
             return Ok(());
         }
         let final_path = store.config.root.join(&self.relpath);
-        let folder = final_path.parent().unwrap_or(&store.config.root);
-        if self.created.is_empty() {
-            return store.dir_syncs.sync(folder);
-        }
-        // A new study's instance changes three directories (root, study, series): their
-        // syncs run side by side, so that it waits for the device once, not three times.
-        std::thread::scope(|scope| {
-            let others: Vec<_> = self
-                .created
-                .iter()
-                .map(|dir| {
-                    let sync = move || store.dir_syncs.sync(dir);
-                    thread::Builder::new()
-                        .spawn_scoped(scope, sync)
-                        .map_err(|_| dir)
-                })
-                .collect();
-            let mut result = store.dir_syncs.sync(folder);
-            for other in others {
-                let synced = match other {
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|_| Err(io::Error::other("directory sync panicked"))),
-                    // No thread to be had: this one does it.
-                    Err(dir) => store.dir_syncs.sync(dir),
-                };
-                result = result.and(synced);
-            }
-            result
-        })
+        let mut dirs = vec![final_path.parent().unwrap_or(&store.config.root)];
+        dirs.extend(self.created.iter().map(PathBuf::as_path));
+        store.dir_syncs.sync_all(&dirs)
     }
 }
 
