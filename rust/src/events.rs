@@ -175,10 +175,14 @@ impl EventQueue {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+        // Producers wait only on a full queue, so only then is there anyone to wake.
+        let was_full = q.events.len() >= QUEUE_CAPACITY;
         let n = q.events.len().min(max);
         let batch: Vec<Event> = q.events.drain(..n).collect();
         drop(q);
-        self.not_full.notify_all();
+        if was_full && n > 0 {
+            self.not_full.notify_all();
+        }
         batch
     }
 
@@ -275,6 +279,25 @@ mod tests {
         q.ack(2, false);
         assert_eq!(waiter.join().unwrap(), Some(false));
         assert_eq!(q.wait_ack(t1, &|| false), Some(true));
+    }
+
+    /// A producer blocked on a full queue goes on once a drain makes room.
+    #[test]
+    fn a_drain_releases_a_producer_blocked_on_a_full_queue() {
+        let q = Arc::new(EventQueue::default());
+        for _ in 0..QUEUE_CAPACITY {
+            q.push(Event::new("store"));
+        }
+        let q2 = Arc::clone(&q);
+        let producer = std::thread::spawn(move || q2.push(Event::new("last")));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!producer.is_finished(), "the queue is full");
+        assert_eq!(q.drain(Duration::from_millis(1), 1).len(), 1);
+        producer.join().unwrap();
+        assert_eq!(
+            q.drain(Duration::from_millis(1), usize::MAX).len(),
+            QUEUE_CAPACITY
+        );
     }
 
     #[test]
