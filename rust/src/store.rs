@@ -1064,7 +1064,9 @@ pub fn link_anonymous(file: &File, target: &Path) -> io::Result<()> {
         )
     };
     if rc == 0 {
-        EMPTY_PATH_LINKS.store(EMPTY_PATH_WORKS, Ordering::Relaxed);
+        if allowed == EMPTY_PATH_UNKNOWN {
+            EMPTY_PATH_LINKS.store(EMPTY_PATH_WORKS, Ordering::Relaxed);
+        }
         return Ok(());
     }
     let refused = io::Error::last_os_error();
