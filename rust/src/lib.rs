@@ -17,6 +17,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod sniff;
+pub mod spare_folders;
 pub mod store;
 pub mod transport;
 

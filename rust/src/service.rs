@@ -839,6 +839,11 @@ impl<'a> Session<'a> {
             // A failure here shows again, with its status, when the next C-STORE begins.
             self.spare = self.shared.store.spare().ok().flatten();
         }
+        if sent && self.shared.active_associations() <= 1 {
+            // Alone, this association has a core to spare while the peer prepares its
+            // next request. A failure only leaves the next new study to make its folders.
+            let _ = self.shared.store.prepare_folders();
+        }
         sent
     }
 

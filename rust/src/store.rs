@@ -53,6 +53,7 @@ use crate::direct_write::DirectWriter;
 use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
 use crate::registry::{stable_hash, Registry};
+use crate::spare_folders::SpareFolders;
 
 /// Folders of the private area, made at start and again if an operator removed them.
 const PRIVATE_SUBDIRS: [&str; 6] = ["sop", "folder", "run", "tmp", "journal", "lock.d"];
@@ -228,6 +229,8 @@ pub struct Store {
     anonymous_ok: AtomicBool,
     /// The duplicate registry (`sop/`, `folder/`).
     registry: Registry,
+    /// Folders made ahead for instances of a new study.
+    spare_folders: SpareFolders,
 }
 
 /// Number of commit lock shards (see the module documentation).
@@ -389,6 +392,7 @@ impl Store {
             next_tmp: AtomicU64::new(0),
             anonymous_ok: AtomicBool::new(true),
             registry,
+            spare_folders: SpareFolders::default(),
             config,
         })
     }
@@ -497,6 +501,7 @@ impl Store {
         }
         self.registry.forget_folders();
         self.registry.make_folders()?;
+        self.spare_folders.forget();
         // The files this run keeps open went with the area: open them anew, so that other
         // processes see this run alive and lock the same shard files, and the index finds
         // this run's next journal lines. Each is replaced under its mutex, so nobody holds
@@ -841,13 +846,35 @@ impl Store {
         Some(line)
     }
 
+    /// Makes a pair of folders ahead for the next instance of a new study, if the last
+    /// ones needed them (see [`crate::spare_folders`]). For a lone association, between
+    /// messages; a failure only leaves the next instance to make its folders itself.
+    pub fn prepare_folders(&self) -> io::Result<()> {
+        self.spare_folders.prepare(|| {
+            let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+            self.tmp_dir.join(format!("{n}.folder"))
+        })
+    }
+
     /// Creates the directories of `relpath` below the root; returns the parents whose
     /// entries changed (they need an fsync for the new directory to be durable).
     fn create_parents(&self, relpath: &str) -> io::Result<Vec<PathBuf>> {
-        let mut changed = Vec::new();
-        let mut dir = self.config.root.clone();
         let mut parts: Vec<&str> = relpath.split('/').collect();
         parts.pop();
+        // A new study's two folders (a new day's and study's with `date` naming) from
+        // a pair made ahead, when there is one.
+        if let [outer @ .., first, second] = &parts[..] {
+            let parent = outer
+                .iter()
+                .fold(self.config.root.clone(), |p, c| p.join(c));
+            if self.spare_folders.place(&parent, first, second)? {
+                let study = parent.join(first);
+                return Ok(vec![parent, study]);
+            }
+        }
+        let mut changed = Vec::new();
+        let mut dir = self.config.root.clone();
+        let levels = parts.len();
         for part in parts {
             let parent = dir.clone();
             dir.push(part);
@@ -856,6 +883,9 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
             }
+        }
+        if levels >= 2 && changed.len() >= 2 {
+            self.spare_folders.want();
         }
         Ok(changed)
     }
@@ -1623,6 +1653,44 @@ mod tests {
         assert!(with_missing(vec![missing, root.join("1.2")])
             .make_durable()
             .is_err());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Once an instance made a new study's folders, the next new study's come from a
+    /// pair made ahead (and, with fsync on, the same directories are synced).
+    #[test]
+    fn a_new_study_takes_folders_made_ahead() {
+        let root = tempdir("spare-folders");
+        let s = durable_store(&root, false);
+        let pairs = |s: &Store| {
+            fs::read_dir(&s.tmp_dir)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().is_dir())
+                .count()
+        };
+        s.prepare_folders().unwrap();
+        assert_eq!(pairs(&s), 0, "no new study seen yet");
+        let commit = |relpath: &str, uid: &str| {
+            let mut inc = s.begin(b"HDR").unwrap();
+            inc.write(&[b"a"]).unwrap();
+            s.commit(inc, relpath, uid, None).unwrap()
+        };
+        commit("1.2/1.3/1.4.dcm", "1.4").make_durable().unwrap();
+        s.prepare_folders().unwrap();
+        assert_eq!(pairs(&s), 1);
+        // A new series of a study that exists leaves the pair for a new study.
+        commit("1.2/1.5/1.6.dcm", "1.6").make_durable().unwrap();
+        assert_eq!(pairs(&s), 1);
+        let placed = commit("2.2/2.3/2.4.dcm", "2.4");
+        assert_eq!(placed.created, [root.clone(), root.join("2.2")]);
+        placed.make_durable().unwrap();
+        assert_eq!(pairs(&s), 0);
+        assert_eq!(fs::read(root.join("2.2/2.3/2.4.dcm")).unwrap(), b"HDRa");
+        assert_eq!(
+            fs::read_dir(root.join("2.2")).unwrap().count(),
+            1,
+            "no pair's inner name left"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
