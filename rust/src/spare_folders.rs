@@ -83,7 +83,12 @@ impl SpareFolders {
             }
             return Ok(false);
         }
-        rename_noreplace(&study.join(INNER), &study.join(second))?;
+        if let Err(e) = rename_noreplace(&study.join(INNER), &study.join(second)) {
+            // Leave no half-made study behind (the instance fails with this error).
+            let _ = fs::remove_dir(study.join(INNER));
+            let _ = fs::remove_dir(&study);
+            return Err(e);
+        }
         self.wanted.store(true, Ordering::Relaxed);
         Ok(true)
     }
