@@ -297,6 +297,21 @@ def nagle_sources(tmp_path: Path) -> list[tuple[Path, Dataset]]:
     return sources
 
 
+def assert_registry_of_one_series(
+    server: RunningServer, sources: list[tuple[Path, Dataset]]
+) -> None:
+    """`sources`, one series stored in order: its first instance's registry entry holds
+    the path; the others name the file through the folder's link, short enough for ext4
+    to keep in the inode; every entry resolves to its file."""
+    registry = StorageLayout(server.storage).registry()
+    targets = []
+    for _, ds in sources:
+        stored = hierarchical_path(server, ds).relative_to(server.storage).as_posix()
+        assert registry[ds.SOPInstanceUID] == stored
+        targets.append(os.readlink(registry_link(server.storage, ds.SOPInstanceUID)))
+    assert [len(t) < 60 for t in targets] == [False] + [True] * (len(sources) - 1), targets
+
+
 def test_storescu_with_nagle_on_is_not_held_back(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
@@ -319,15 +334,7 @@ def test_storescu_with_nagle_on_is_not_held_back(
     assert result.returncode == 0, result.stderr
     assert sorted(server.files()) == sorted(hierarchical_path(server, ds) for _, ds in sources)
     assert elapsed < NAGLE_BOUND_S, f"{NAGLE_MESSAGES} instances took {elapsed:.2f} s"
-    # One series: its first instance's registry entry holds the path; the others name
-    # the file through the folder's link, short enough for ext4 to keep in the inode.
-    registry = StorageLayout(server.storage).registry()
-    targets = []
-    for _, ds in sources:
-        stored = hierarchical_path(server, ds).relative_to(server.storage).as_posix()
-        assert registry[ds.SOPInstanceUID] == stored
-        targets.append(os.readlink(registry_link(server.storage, ds.SOPInstanceUID)))
-    assert [len(t) < 60 for t in targets] == [False] + [True] * (NAGLE_MESSAGES - 1), targets
+    assert_registry_of_one_series(server, sources)
 
 
 def test_raw_sender_writing_each_pdu_apart_is_not_held_back(
@@ -348,15 +355,7 @@ def test_raw_sender_writing_each_pdu_apart_is_not_held_back(
         raw.release()
     assert sorted(server.files()) == sorted(hierarchical_path(server, ds) for _, ds in sources)
     assert elapsed < NAGLE_BOUND_S, f"{NAGLE_MESSAGES} instances took {elapsed:.2f} s"
-    # One series: its first instance's registry entry holds the path; the others name
-    # the file through the folder's link, short enough for ext4 to keep in the inode.
-    registry = StorageLayout(server.storage).registry()
-    targets = []
-    for _, ds in sources:
-        stored = hierarchical_path(server, ds).relative_to(server.storage).as_posix()
-        assert registry[ds.SOPInstanceUID] == stored
-        targets.append(os.readlink(registry_link(server.storage, ds.SOPInstanceUID)))
-    assert [len(t) < 60 for t in targets] == [False] + [True] * (NAGLE_MESSAGES - 1), targets
+    assert_registry_of_one_series(server, sources)
 
 
 @pytest.fixture(scope="session")

@@ -95,19 +95,19 @@ pub struct DirectorySyncs {
 }
 
 impl DirectorySyncs {
-    /// Makes the entries of every directory of `dirs` changed before this call durable,
-    /// the first on this thread and the others on helper threads meanwhile. An error of
-    /// any is the call's error.
-    pub fn sync_all(&self, dirs: &[&Path]) -> io::Result<()> {
-        let Some((first, others)) = dirs.split_first() else {
-            return Ok(());
-        };
+    /// Makes the entries of `first` and of every directory of `others` changed before
+    /// this call durable, `first` on this thread and the others on helper threads
+    /// meanwhile. An error of any is the call's error.
+    pub fn sync_all(&self, first: &Path, others: &[PathBuf]) -> io::Result<()> {
+        if others.is_empty() {
+            return sync_in(&self.groups, first);
+        }
         let (done, results) = mpsc::channel();
         let mut inline = Vec::new();
         let mut submitted = 0;
         for dir in others {
             let job = Job {
-                dir: dir.to_path_buf(),
+                dir: dir.clone(),
                 done: done.clone(),
             };
             match self.submit(job) {
@@ -232,10 +232,10 @@ mod tests {
     fn directory_groups_are_forgotten_when_idle() {
         let syncs = DirectorySyncs::default();
         let dir = std::env::temp_dir();
-        syncs.sync_all(&[&dir]).unwrap();
+        syncs.sync_all(&dir, &[]).unwrap();
         assert!(syncs.groups.lock().unwrap().is_empty());
         assert!(syncs
-            .sync_all(&[&dir.join("missing-dir-of-storescp")])
+            .sync_all(&dir.join("missing-dir-of-storescp"), &[])
             .is_err());
         assert!(
             syncs.helpers.get().is_none(),
@@ -253,12 +253,12 @@ mod tests {
         for dir in &dirs {
             std::fs::create_dir_all(dir).unwrap();
         }
-        let all: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-        syncs.sync_all(&all).unwrap();
+        syncs.sync_all(&dirs[0], &dirs[1..]).unwrap();
         assert!(matches!(syncs.helpers.get(), Some(Some(_))));
         let missing = base.join("missing");
-        assert!(syncs.sync_all(&[all[0], &missing, all[1]]).is_err());
-        assert!(syncs.sync_all(&[&missing, all[0]]).is_err());
+        let others = [missing.clone(), dirs[1].clone()];
+        assert!(syncs.sync_all(&dirs[0], &others).is_err());
+        assert!(syncs.sync_all(&missing, &dirs[..1]).is_err());
         assert!(syncs.groups.lock().unwrap().is_empty());
         std::fs::remove_dir_all(base).unwrap();
     }

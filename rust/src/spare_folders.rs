@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::store::os_result;
+
 /// The inner folder of a pair, renamed to the series' name.
 const INNER: &str = "s";
 
@@ -119,11 +121,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             libc::RENAME_NOREPLACE,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    os_result(rc)
 }
 
 #[cfg(test)]

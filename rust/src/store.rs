@@ -174,9 +174,8 @@ impl Placed<'_> {
             return Ok(());
         }
         let final_path = store.config.root.join(&self.relpath);
-        let mut dirs = vec![final_path.parent().unwrap_or(&store.config.root)];
-        dirs.extend(self.created.iter().map(PathBuf::as_path));
-        store.dir_syncs.sync_all(&dirs)
+        let folder = final_path.parent().unwrap_or(&store.config.root);
+        store.dir_syncs.sync_all(folder, &self.created)
     }
 }
 
@@ -1124,10 +1123,14 @@ fn link_through_proc(file: &File, target: &CString) -> io::Result<()> {
             libc::AT_SYMLINK_FOLLOW,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    os_result(rc)
+}
+
+/// A system call's 0-or-minus-1 result as an `io::Result` (errno on failure).
+pub fn os_result(rc: libc::c_int) -> io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
