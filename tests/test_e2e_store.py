@@ -13,7 +13,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pydicom.config
 import pytest
@@ -240,12 +240,13 @@ def test_storescu_stores_bit_exact(
         sop_instance_uid=uid,
         calling_ae="MODALITY1",
     )
-    # The duplicate registry: a link in the UID's folder naming the stored file, by its
-    # path (the first instance of its folder) or through its folder's link.
+    # The duplicate registry: a link in the UID's folder naming the stored file by its
+    # path (the first instance of its folder) or its folder (a hard link of the
+    # folder's link).
     relpath = stored.relative_to(server.storage).as_posix()
     assert StorageLayout(server.storage).registry()[uid] == relpath
     target = os.readlink(registry_link(server.storage, uid))
-    assert target == relpath or len(target) < 60, target
+    assert target in (relpath, PurePosixPath(relpath).parent.as_posix()), target
 
 
 def test_storescu_scans_a_directory_tree(server: RunningServer, tmp_path: Path) -> None:
@@ -301,15 +302,22 @@ def assert_registry_of_one_series(
     server: RunningServer, sources: list[tuple[Path, Dataset]]
 ) -> None:
     """`sources`, one series stored in order: its first instance's registry entry holds
-    the path; the others name the file through the folder's link, short enough for ext4
-    to keep in the inode; every entry resolves to its file."""
+    the path; the others are hard links of the folder's link, naming the folder with no
+    inode of their own; every entry resolves to its file."""
     registry = StorageLayout(server.storage).registry()
-    targets = []
+    entries = []
     for _, ds in sources:
         stored = hierarchical_path(server, ds).relative_to(server.storage).as_posix()
         assert registry[ds.SOPInstanceUID] == stored
-        targets.append(os.readlink(registry_link(server.storage, ds.SOPInstanceUID)))
-    assert [len(t) < 60 for t in targets] == [False] + [True] * (len(sources) - 1), targets
+        entries.append(registry_link(server.storage, ds.SOPInstanceUID))
+    first, *others = entries
+    stored = hierarchical_path(server, sources[0][1]).relative_to(server.storage)
+    assert os.readlink(first) == stored.as_posix()
+    assert first.lstat().st_nlink == 1
+    assert {os.readlink(e) for e in others} == {stored.parent.as_posix()}
+    # One inode: the folder link's, with a name per entry besides its own.
+    assert len({e.lstat().st_ino for e in others}) == 1
+    assert others[0].lstat().st_nlink == len(others) + 1
 
 
 def test_storescu_with_nagle_on_is_not_held_back(

@@ -22,6 +22,7 @@ from index_support import (
     link_registry,
     live_run,
     lock_path,
+    registry_link,
     store_file,
     write_journal,
 )
@@ -442,6 +443,27 @@ def test_layout_reads_registry_links_through_folder_links(root: Path) -> None:
         "1.2.21.1": "a/b/1.2.21.1.dcm",
         "1.2.21.2": "a/b/1.2.21.2.dcm",
         "1.2.21.3": "1.2.21.3.dcm",
+    }
+
+
+def test_layout_reads_registry_entries_naming_folders(root: Path) -> None:
+    """An entry made as a hard link of its folder's link names the folder itself (a
+    folder never ends with `.dcm`, a file's path always does): the file is
+    `<folder>/<uid>.dcm`, `.` being the root."""
+    folders = root / PRIVATE_DIR / "folder" / "0b"
+    folders.mkdir(parents=True)
+    (folders / "1").symlink_to("a/b")
+    (folders / "2").symlink_to(".")
+    for uid, folder_link in [("1.2.22.1", "1"), ("1.2.22.2", "1"), ("1.2.22.3", "2")]:
+        entry = registry_link(root, uid)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        os.link(folders / folder_link, entry, follow_symlinks=False)
+    link_registry(root, "1.2.22.4", "a/c/1.2.22.4.dcm")
+    assert StorageLayout(root).registry() == {
+        "1.2.22.1": "a/b/1.2.22.1.dcm",
+        "1.2.22.2": "a/b/1.2.22.2.dcm",
+        "1.2.22.3": "1.2.22.3.dcm",
+        "1.2.22.4": "a/c/1.2.22.4.dcm",
     }
 
 

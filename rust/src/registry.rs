@@ -1,4 +1,4 @@
-//! The registry of stored SOP Instance UIDs, whatever the naming scheme: the symlinks
+//! The registry of stored SOP Instance UIDs, whatever the naming scheme: the links
 //! under `ROOT/.storescp/` that make the duplicate decision hold across layouts and
 //! processes (SPEC.md section 4). Every target is relative to the root.
 //!
@@ -7,14 +7,18 @@
 //!   archive (ext4 without `large_dir` refuses entries past about ten million in one
 //!   directory) and concurrent associations seldom queue on one directory's lock. A
 //!   dangling entry (a crash between linking and placing, or a file deleted since)
-//!   counts as "not stored". Its target is either
-//!   - the folder link of the file's folder, `.storescp/folder/<xx>/<token>`, when the
-//!     file is `<folder>/<SOPInstanceUID>.dcm` (every naming scheme names files so):
-//!     short enough for ext4 to keep inside the symlink's inode, where a whole path
-//!     (up to ~200 bytes) needs a data block of its own per instance; or
-//!   - the file's path itself: for the first instance a process stores in a folder
-//!     (below), entries written before folder links, or when a folder's token is taken
-//!     by another folder.
+//!   counts as "not stored". It is a symlink, read with `readlink`, naming either
+//!   - the file's folder, when the entry is another name (a hard link) of that folder's
+//!     link below: the file is `<folder>/<SOPInstanceUID>.dcm` (every naming scheme
+//!     names files so). Such an entry costs a directory entry and no inode of its own,
+//!     where a symlink per instance was an inode each (a fifth of the server's time
+//!     for tiny instances);
+//!   - the file's path itself, whose last component is `<SOPInstanceUID>.dcm`: for the
+//!     first instance a process stores in a folder (below), or when a folder's token is
+//!     taken by another folder; or
+//!   - the folder link, `.storescp/folder/<xx>/<token>`: entries of earlier versions,
+//!     and the fallback when the folder link has as many hard links as the filesystem
+//!     allows (65,000 on ext4).
 //! - `folder/<xx>/<token>`: a symlink to a folder holding stored files (`.` for the root
 //!   itself), made when a process stores a folder's second instance (the first one's
 //!   entry holds its path: a folder of one instance, an SR's series say, would pay an
@@ -152,18 +156,34 @@ impl Registry {
         Ok(())
     }
 
-    /// Creates the entry `entry` -> `target`. False when the entry exists already: the
-    /// UID was seen before.
+    /// Creates the entry `entry` for `target` (from [`Registry::target`]): a hard link
+    /// of a folder link, else a symlink to `target`. False when the entry exists
+    /// already: the UID was seen before.
     pub fn claim(&self, entry: &Path, target: &str) -> io::Result<bool> {
+        if target.starts_with(FOLDER_LINK_PREFIX) {
+            let folder_link = self.root.join(target);
+            // On an error (the folder link at the filesystem's most links, EMLINK on
+            // ext4, or hard links refused, EPERM under protected_hardlinks when another
+            // user made it) a symlink to it does.
+            if let Ok(made) =
+                make_in_folder(entry, &mut false, |at| fs::hard_link(&folder_link, at))
+            {
+                return Ok(made);
+            }
+        }
         make_symlink(target, entry, &mut false)
     }
 
     /// Points an existing entry (dangling or naming another file) at `target`,
-    /// atomically: the new link is made at `staged` (a free name on the same
+    /// atomically: the new entry is made at `staged` (a free name on the same
     /// filesystem) and renamed over it.
     pub fn repoint(&self, entry: &Path, target: &str, staged: &Path) -> io::Result<()> {
         let _ = fs::remove_file(staged);
-        symlink(target, staged)?;
+        let hard_linked = target.starts_with(FOLDER_LINK_PREFIX)
+            && fs::hard_link(self.root.join(target), staged).is_ok();
+        if !hard_linked {
+            symlink(target, staged)?;
+        }
         fs::rename(staged, entry)
     }
 
@@ -172,10 +192,14 @@ impl Registry {
     pub fn stored_path(&self, entry: &Path, sop_uid: &str) -> Option<String> {
         let target = fs::read_link(entry).ok()?;
         let target = target.to_str()?;
-        if !target.starts_with(FOLDER_LINK_PREFIX) {
+        // A file's path ends with `.dcm`; a folder (UIDs, dates) never does.
+        let folder = if target.starts_with(FOLDER_LINK_PREFIX) {
+            fs::read_link(self.root.join(target)).ok()?
+        } else if target.ends_with(".dcm") {
             return Some(target.to_string());
-        }
-        let folder = fs::read_link(self.root.join(target)).ok()?;
+        } else {
+            PathBuf::from(target)
+        };
         Some(match folder.to_str()? {
             "." => format!("{sop_uid}.dcm"),
             folder => format!("{folder}/{sop_uid}.dcm"),
@@ -225,14 +249,23 @@ const FOLDER_LINK_PREFIX: &str = ".storescp/folder/";
 /// missing (an operator removed it; `made_folder` is then set). False when `link`
 /// exists already.
 fn make_symlink(target: &str, link: &Path, made_folder: &mut bool) -> io::Result<bool> {
-    let mut made = symlink(target, link);
+    make_in_folder(link, made_folder, |at| symlink(target, at))
+}
+
+/// Makes the link `at` with `make`, as [`make_symlink`] does.
+fn make_in_folder(
+    at: &Path,
+    made_folder: &mut bool,
+    make: impl Fn(&Path) -> io::Result<()>,
+) -> io::Result<bool> {
+    let mut made = make(at);
     if matches!(&made, Err(e) if e.kind() == io::ErrorKind::NotFound) {
-        match fs::create_dir(link.parent().unwrap_or(link)) {
+        match fs::create_dir(at.parent().unwrap_or(at)) {
             Ok(()) => *made_folder = true,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        made = symlink(target, link);
+        made = make(at);
     }
     match made {
         Ok(()) => Ok(true),
@@ -301,13 +334,21 @@ mod tests {
         ];
         for (n, (relpath, uid)) in stores.into_iter().enumerate() {
             let target = registry.target(relpath, uid, &mut changed);
-            match n % 2 {
-                0 => assert_eq!(target, relpath),
-                _ => assert!(target.starts_with(FOLDER_LINK_PREFIX), "{target}"),
-            }
             let entry = registry.entry(uid);
             assert!(registry.claim(&entry, &target).unwrap());
             assert!(!registry.claim(&entry, &target).unwrap());
+            match n % 2 {
+                0 => assert_eq!(target, relpath),
+                _ => {
+                    // Another name of the folder link: its inode, naming the folder.
+                    assert!(target.starts_with(FOLDER_LINK_PREFIX), "{target}");
+                    assert_eq!(inode(&entry), inode(&root.join(&target)));
+                    assert_eq!(
+                        fs::read_link(&entry).unwrap(),
+                        fs::read_link(root.join(&target)).unwrap()
+                    );
+                }
+            }
             assert_eq!(registry.stored_path(&entry, uid).unwrap(), relpath);
         }
         // The first link made `folder/` and `folder/xx`; each link changed its `xx`.
@@ -317,6 +358,60 @@ mod tests {
         registry.target("1.2/1.3/1.8.dcm", "1.8", &mut changed);
         assert!(changed.is_empty());
         assert_eq!(registry.stored_path(&registry.entry("1.9"), "1.9"), None);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    /// Entries of earlier versions, through the folder link or the path, read as
+    /// before; so does an entry repointed at another folder.
+    #[test]
+    fn entries_of_every_kind_name_their_file() {
+        let root = tempdir("kinds");
+        let registry = Registry::new(&root);
+        registry.make_folders().unwrap();
+        let mut changed = Vec::new();
+        registry.target("1.2/1.3/1.4.dcm", "1.4", &mut changed);
+        let through_link = registry.target("1.2/1.3/1.5.dcm", "1.5", &mut changed);
+        let old = registry.entry("1.6");
+        symlink(&through_link, &old).unwrap();
+        assert_eq!(
+            registry.stored_path(&old, "1.6").unwrap(),
+            "1.2/1.3/1.6.dcm"
+        );
+        // A file stored in the root: its folder is `.`.
+        let flat = registry.entry("1.7");
+        symlink(".", &flat).unwrap();
+        assert_eq!(registry.stored_path(&flat, "1.7").unwrap(), "1.7.dcm");
+        let staged = root.join(PRIVATE_DIR).join("staged");
+        registry.repoint(&flat, &through_link, &staged).unwrap();
+        assert_eq!(
+            registry.stored_path(&flat, "1.7").unwrap(),
+            "1.2/1.3/1.7.dcm"
+        );
+        assert_eq!(inode(&flat), inode(&root.join(&through_link)));
+        registry.repoint(&flat, "9/1.7.dcm", &staged).unwrap();
+        assert_eq!(registry.stored_path(&flat, "1.7").unwrap(), "9/1.7.dcm");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A folder link that cannot take another hard link (here a directory in its
+    /// place; on ext4, one with 65,000 links) gets a symlink entry naming it instead.
+    #[test]
+    fn an_entry_falls_back_to_a_symlink() {
+        let root = tempdir("fallback");
+        let registry = Registry::new(&root);
+        let link = root.join(folder_link_name(stable_hash("1.2/1.3")));
+        fs::create_dir_all(&link).unwrap();
+        let name = folder_link_name(stable_hash("1.2/1.3"));
+        let entry = registry.entry("1.4");
+        fs::create_dir_all(entry.parent().unwrap()).unwrap();
+        assert!(registry.claim(&entry, &name).unwrap());
+        assert_eq!(fs::read_link(&entry).unwrap(), Path::new(&name));
+        assert!(!registry.claim(&entry, &name).unwrap());
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -3,9 +3,10 @@
 The core's private area is `ROOT/.storescp/` (see rust/src/store.rs and registry.rs):
 `sop/<xx>/<uid>` symlinks naming the stored file (`xx` one of 256 folders; a root the
 server has not opened since an older version may still hold flat `sop/<uid>` links),
-either by its relative path or by the folder link `.storescp/folder/<xx>/<token>` of its
-folder (a symlink to the folder's relative path, `.` for the root; the file is then
-`<folder>/<uid>.dcm`),
+by its folder's relative path (`.` for the root; the file is then `<folder>/<uid>.dcm`;
+such an entry is a hard link of the folder link below), by the file's relative path
+(which, unlike a folder, ends with `.dcm`), or by the folder link
+`.storescp/folder/<xx>/<token>` of its folder (a symlink to the folder's relative path),
 `run/<runid>.lock` held with flock by each live process, and `journal/<runid>.log` lines
 "op TAB sop_uid TAB relpath TAB replaced_relpath LF" appended before each file is renamed
 into place.
@@ -82,12 +83,15 @@ class StorageLayout:
         for entry in self._registry_links():
             with suppress(OSError):  # vanished meanwhile
                 target = os.readlink(entry.path)
-                if not target.startswith(_FOLDER_LINKS):
+                if target.endswith(".dcm"):
                     entries[entry.name] = target
                     continue
-                if target not in folders:
-                    folders[target] = _readlink_or_none(self.root / target)
-                if (folder := folders[target]) is not None:
+                folder: str | None = target
+                if target.startswith(_FOLDER_LINKS):
+                    if target not in folders:
+                        folders[target] = _readlink_or_none(self.root / target)
+                    folder = folders[target]
+                if folder is not None:
                     name = f"{entry.name}.dcm"
                     entries[entry.name] = name if folder == "." else f"{folder}/{name}"
         return entries
