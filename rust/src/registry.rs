@@ -184,7 +184,11 @@ impl Registry {
         if !hard_linked {
             symlink(target, staged)?;
         }
-        fs::rename(staged, entry)
+        fs::rename(staged, entry)?;
+        // rename(2) of a name onto another name of the same inode (an entry that is a
+        // hard link of this folder link already) does nothing and leaves both.
+        let _ = fs::remove_file(staged);
+        Ok(())
     }
 
     /// The path, relative to the root, that the entry of `sop_uid` at `entry` names
@@ -393,6 +397,15 @@ mod tests {
             "1.2/1.3/1.7.dcm"
         );
         assert_eq!(inode(&flat), inode(&root.join(&through_link)));
+        registry.repoint(&flat, &through_link, &staged).unwrap();
+        assert!(
+            fs::symlink_metadata(&staged).is_err(),
+            "a staged link is left"
+        );
+        assert_eq!(
+            registry.stored_path(&flat, "1.7").unwrap(),
+            "1.2/1.3/1.7.dcm"
+        );
         registry.repoint(&flat, "9/1.7.dcm", &staged).unwrap();
         assert_eq!(registry.stored_path(&flat, "1.7").unwrap(), "9/1.7.dcm");
         fs::remove_dir_all(root).unwrap();
