@@ -417,11 +417,9 @@ mod tests {
     fn an_entry_falls_back_to_a_symlink() {
         let root = tempdir("fallback");
         let registry = Registry::new(&root);
-        let link = root.join(folder_link_name(stable_hash("1.2/1.3")));
-        fs::create_dir_all(&link).unwrap();
         let name = folder_link_name(stable_hash("1.2/1.3"));
+        fs::create_dir_all(root.join(&name)).unwrap();
         let entry = registry.entry("1.4");
-        fs::create_dir_all(entry.parent().unwrap()).unwrap();
         assert!(registry.claim(&entry, &name).unwrap());
         assert_eq!(fs::read_link(&entry).unwrap(), Path::new(&name));
         assert!(!registry.claim(&entry, &name).unwrap());
