@@ -1723,6 +1723,24 @@ mod tests {
             put(&a, "1.2/1.3/1.5.dcm", "1.5", b"again"),
             Outcome::Duplicate("1.2/1.3/1.5.dcm".into())
         );
+        // An entry made as a hard link of the folder link names the folder.
+        assert_eq!(
+            put(&b, "9.9/9.9/1.6.dcm", "1.6", b"again"),
+            Outcome::Duplicate("1.2/1.3/1.6.dcm".into())
+        );
+        let c = store(&root, DuplicatePolicy::Replace, Naming::Hierarchical);
+        assert_eq!(
+            put(&c, "9.9/9.9/1.7.dcm", "1.7", b"moved"),
+            Outcome::Replaced("1.2/1.3/1.7.dcm".into())
+        );
+        assert!(!root.join("1.2/1.3/1.7.dcm").exists());
+        assert!(fs::read(root.join("9.9/9.9/1.7.dcm"))
+            .unwrap()
+            .ends_with(b"moved"));
+        assert_eq!(
+            c.registry.stored_path(&two, "1.7").unwrap(),
+            "9.9/9.9/1.7.dcm"
+        );
         fs::remove_dir_all(root).unwrap();
     }
 
