@@ -4,8 +4,10 @@
 //! renames on the instance's round trip cost less than two `mkdir`s, which allocate
 //! and zero each folder's inode and block (~80 against ~35 us here).
 //!
-//! Only a lone association makes them (it has a core to itself between messages), and
-//! only while instances keep needing new folders.
+//! Only a lone association asks for them (the cores are then not all busy), and only
+//! while instances keep needing new folders. A thread of their own makes them, started
+//! with the first pair asked for: made by the association itself after its response,
+//! the two `mkdir`s held it from its socket while the next request was already there.
 
 use std::ffi::CString;
 use std::fs;
@@ -13,7 +15,9 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
 
 use crate::store::os_result;
 
@@ -22,26 +26,34 @@ const INNER: &str = "s";
 
 /// The pairs ready, and whether they are wanted and possible.
 pub struct SpareFolders {
-    ready: Mutex<Vec<PathBuf>>,
+    ready: Arc<Mutex<Vec<PathBuf>>>,
+    /// A pair is asked for and not made yet.
+    making: Arc<AtomicBool>,
     /// An instance made both its folders since the last pair was made.
     wanted: AtomicBool,
     /// Cleared once the filesystem refuses a rename that must not replace.
     supported: AtomicBool,
+    /// Where pairs are asked for: the thread that makes them, started with the first
+    /// one; None when no thread could be started (the caller makes them then).
+    maker: OnceLock<Option<Sender<PathBuf>>>,
 }
 
 impl Default for SpareFolders {
     fn default() -> SpareFolders {
         SpareFolders {
-            ready: Mutex::new(Vec::new()),
+            ready: Arc::new(Mutex::new(Vec::new())),
+            making: Arc::new(AtomicBool::new(false)),
             wanted: AtomicBool::new(false),
             supported: AtomicBool::new(true),
+            maker: OnceLock::new(),
         }
     }
 }
 
 impl SpareFolders {
-    /// Makes a pair at `pair` (a free name in the run's temporary folder) when the last
-    /// instances needed one and none is ready.
+    /// Asks for a pair at `pair` (a free name in the run's temporary folder) when the
+    /// last instances needed one and none is ready or being made; it is made on the
+    /// maker thread, or here when there is none. An error is that of making it here.
     pub fn prepare(&self, pair: impl FnOnce() -> PathBuf) -> io::Result<()> {
         // Read before written: this runs after every response of a lone association.
         let wanted = self.wanted.load(Ordering::Relaxed);
@@ -49,15 +61,47 @@ impl SpareFolders {
             return Ok(());
         }
         self.wanted.store(false, Ordering::Relaxed);
-        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        if !ready.is_empty() {
+        if !self
+            .ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+            || self.making.swap(true, Ordering::AcqRel)
+        {
             return Ok(());
         }
         let pair = pair();
-        fs::create_dir(&pair)?;
-        fs::create_dir(pair.join(INNER))?;
-        ready.push(pair);
+        let Some(maker) = self.maker() else {
+            let made = make_pair(&pair, &self.ready);
+            self.making.store(false, Ordering::Release);
+            return made;
+        };
+        if maker.send(pair).is_err() {
+            self.making.store(false, Ordering::Release);
+        }
         Ok(())
+    }
+
+    /// The maker thread's queue, the thread started on the first call.
+    fn maker(&self) -> Option<&Sender<PathBuf>> {
+        self.maker
+            .get_or_init(|| {
+                let (asks, pairs) = mpsc::channel::<PathBuf>();
+                let (ready, making) = (Arc::clone(&self.ready), Arc::clone(&self.making));
+                let spawned =
+                    thread::Builder::new()
+                        .name("storescp-mkdir".into())
+                        .spawn(move || {
+                            // Ends when the store, and with it the sender, is dropped. A pair
+                            // that cannot be made leaves the next new study to make its own.
+                            for pair in pairs {
+                                let _ = make_pair(&pair, &ready);
+                                making.store(false, Ordering::Release);
+                            }
+                        });
+                spawned.ok().map(|_| asks)
+            })
+            .as_ref()
     }
 
     /// Makes `parent/first/second` from a ready pair when `first` is missing and
@@ -100,10 +144,31 @@ impl SpareFolders {
         self.wanted.store(true, Ordering::Relaxed);
     }
 
+    /// Waits, 5 s at the most, until no pair is being made.
+    #[cfg(test)]
+    pub fn settle(&self) {
+        use std::time::{Duration, Instant};
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.making.load(Ordering::Acquire) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Forgets the pairs: the private area was removed, and them with it.
     pub fn forget(&self) {
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
+}
+
+/// Makes the pair `pair` and its inner folder, and puts it among the `ready` ones.
+fn make_pair(pair: &Path, ready: &Mutex<Vec<PathBuf>>) -> io::Result<()> {
+    fs::create_dir(pair)?;
+    fs::create_dir(pair.join(INNER))?;
+    ready
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(pair.to_path_buf());
+    Ok(())
 }
 
 /// `renameat2(RENAME_NOREPLACE)`: fails with EEXIST rather than replace `to`, even an
@@ -149,7 +214,12 @@ mod tests {
 
         spares.want();
         spares.prepare(|| root.join("tmp/1.folder")).unwrap();
+        spares.settle();
         assert!(root.join("tmp/1.folder/s").is_dir());
+        // Made by a thread of its own, not the caller.
+        let threads = fs::read_dir("/proc/self/task").unwrap();
+        let names = threads.map(|t| fs::read_to_string(t.unwrap().path().join("comm")));
+        assert!(names.flatten().any(|name| name.trim() == "storescp-mkdir"));
         fs::create_dir(root.join("9.9")).unwrap();
         assert!(
             !spares.place(&root, "9.9", "9.8").unwrap(),
@@ -162,6 +232,7 @@ mod tests {
         assert!(!spares.place(&root, "2.2", "2.3").unwrap(), "none ready");
         // Used, so wanted again.
         spares.prepare(|| root.join("tmp/2.folder")).unwrap();
+        spares.settle();
         assert!(root.join("tmp/2.folder/s").is_dir());
         fs::remove_dir_all(root).unwrap();
     }
@@ -173,6 +244,7 @@ mod tests {
         let spares = SpareFolders::default();
         spares.want();
         spares.prepare(|| root.join("tmp/0.folder")).unwrap();
+        spares.settle();
         fs::remove_dir_all(root.join("tmp")).unwrap();
         assert!(!spares.place(&root, "1.2", "1.3").unwrap());
         assert!(spares.ready.lock().unwrap().is_empty());

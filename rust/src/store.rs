@@ -1680,6 +1680,7 @@ mod tests {
         };
         commit("1.2/1.3/1.4.dcm", "1.4").make_durable().unwrap();
         s.prepare_folders().unwrap();
+        s.spare_folders.settle();
         assert_eq!(pairs(&s), 1);
         // A new series of a study that exists leaves the pair for a new study.
         commit("1.2/1.5/1.6.dcm", "1.6").make_durable().unwrap();
