@@ -845,9 +845,10 @@ impl Store {
         Some(line)
     }
 
-    /// Makes a pair of folders ahead for the next instance of a new study, if the last
-    /// ones needed them (see [`crate::spare_folders`]). For a lone association, between
-    /// messages; a failure only leaves the next instance to make its folders itself.
+    /// Asks for a pair of folders made ahead for the next instance of a new study, if
+    /// the last ones needed them (see [`crate::spare_folders`]). For a lone association,
+    /// after its response; a failure only leaves the next instance to make its folders
+    /// itself.
     pub fn prepare_folders(&self) -> io::Result<()> {
         self.spare_folders.prepare(|| {
             let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
