@@ -85,22 +85,7 @@ impl SpareFolders {
     /// The maker thread's queue, the thread started on the first call.
     fn maker(&self) -> Option<&Sender<PathBuf>> {
         self.maker
-            .get_or_init(|| {
-                let (asks, pairs) = mpsc::channel::<PathBuf>();
-                let (ready, making) = (Arc::clone(&self.ready), Arc::clone(&self.making));
-                let spawned =
-                    thread::Builder::new()
-                        .name("storescp-mkdir".into())
-                        .spawn(move || {
-                            // Ends when the store, and with it the sender, is dropped. A pair
-                            // that cannot be made leaves the next new study to make its own.
-                            for pair in pairs {
-                                let _ = make_pair(&pair, &ready);
-                                making.store(false, Ordering::Release);
-                            }
-                        });
-                spawned.ok().map(|_| asks)
-            })
+            .get_or_init(|| spawn_maker(Arc::clone(&self.ready), Arc::clone(&self.making)))
             .as_ref()
     }
 
@@ -158,6 +143,27 @@ impl SpareFolders {
     pub fn forget(&self) {
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
+}
+
+/// Starts the thread that makes the pairs asked for on the returned queue, each put
+/// among the `ready` ones; it ends when the queue is dropped with the store. None when
+/// no thread can be started.
+fn spawn_maker(
+    ready: Arc<Mutex<Vec<PathBuf>>>,
+    making: Arc<AtomicBool>,
+) -> Option<Sender<PathBuf>> {
+    let (asks, pairs) = mpsc::channel::<PathBuf>();
+    let maker = move || {
+        for pair in pairs {
+            // A pair that cannot be made leaves the next new study to make its own.
+            let _ = make_pair(&pair, &ready);
+            making.store(false, Ordering::Release);
+        }
+    };
+    let spawned = thread::Builder::new()
+        .name("storescp-mkdir".into())
+        .spawn(maker);
+    spawned.ok().map(|_| asks)
 }
 
 /// Makes the pair `pair` and its inner folder, and puts it among the `ready` ones.
