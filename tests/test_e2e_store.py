@@ -311,10 +311,10 @@ def assert_registry_of_one_series(
         assert registry[ds.SOPInstanceUID] == stored
         entries.append(registry_link(server.storage, ds.SOPInstanceUID))
     first, *others = entries
-    stored = hierarchical_path(server, sources[0][1]).relative_to(server.storage)
-    assert os.readlink(first) == stored.as_posix()
+    first_file = hierarchical_path(server, sources[0][1]).relative_to(server.storage)
+    assert os.readlink(first) == first_file.as_posix()
     assert first.lstat().st_nlink == 1
-    assert {os.readlink(e) for e in others} == {stored.parent.as_posix()}
+    assert {os.readlink(e) for e in others} == {first_file.parent.as_posix()}
     # One inode: the folder link's, with a name per entry besides its own.
     assert len({e.lstat().st_ino for e in others}) == 1
     assert others[0].lstat().st_nlink == len(others) + 1

@@ -156,22 +156,11 @@ impl Registry {
         Ok(())
     }
 
-    /// Creates the entry `entry` for `target` (from [`Registry::target`]): a hard link
-    /// of a folder link, else a symlink to `target`. False when the entry exists
-    /// already: the UID was seen before.
+    /// Creates the entry `entry` for `target` (from [`Registry::target`]), see
+    /// [`Registry::link_entry`]. False when the entry exists already: the UID was seen
+    /// before.
     pub fn claim(&self, entry: &Path, target: &str) -> io::Result<bool> {
-        if target.starts_with(FOLDER_LINK_PREFIX) {
-            let folder_link = self.root.join(target);
-            // On an error (the folder link at the filesystem's most links, EMLINK on
-            // ext4, or hard links refused, EPERM under protected_hardlinks when another
-            // user made it) a symlink to it does.
-            if let Ok(made) =
-                make_in_folder(entry, &mut false, |at| fs::hard_link(&folder_link, at))
-            {
-                return Ok(made);
-            }
-        }
-        make_symlink(target, entry, &mut false)
+        make_in_folder(entry, &mut false, |at| self.link_entry(at, target))
     }
 
     /// Points an existing entry (dangling or naming another file) at `target`,
@@ -179,16 +168,27 @@ impl Registry {
     /// filesystem) and renamed over it.
     pub fn repoint(&self, entry: &Path, target: &str, staged: &Path) -> io::Result<()> {
         let _ = fs::remove_file(staged);
-        let hard_linked = target.starts_with(FOLDER_LINK_PREFIX)
-            && fs::hard_link(self.root.join(target), staged).is_ok();
-        if !hard_linked {
-            symlink(target, staged)?;
-        }
+        self.link_entry(staged, target)?;
         fs::rename(staged, entry)?;
         // rename(2) of a name onto another name of the same inode (an entry that is a
         // hard link of this folder link already) does nothing and leaves both.
         let _ = fs::remove_file(staged);
         Ok(())
+    }
+
+    /// Makes the entry `at` for `target`: a hard link of the folder link `target`
+    /// names, else a symlink to `target`. A symlink also when the hard link fails
+    /// otherwise than with EEXIST: the folder link at the filesystem's most links
+    /// (EMLINK on ext4), or hard links refused (EPERM under protected_hardlinks when
+    /// another user made it).
+    fn link_entry(&self, at: &Path, target: &str) -> io::Result<()> {
+        if target.starts_with(FOLDER_LINK_PREFIX) {
+            match fs::hard_link(self.root.join(target), at) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {}
+                linked => return linked,
+            }
+        }
+        symlink(target, at)
     }
 
     /// The path, relative to the root, that the entry of `sop_uid` at `entry` names
