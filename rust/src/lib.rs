@@ -19,6 +19,7 @@ pub mod service;
 pub mod sniff;
 pub mod spare_folders;
 pub mod store;
+pub mod topdir;
 pub mod transport;
 
 #[cfg(feature = "python")]

@@ -54,6 +54,7 @@ use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
 use crate::registry::{stable_hash, Registry};
 use crate::spare_folders::SpareFolders;
+use crate::topdir;
 
 /// Folders of the private area, made at start and again if an operator removed them.
 const PRIVATE_SUBDIRS: [&str; 6] = ["sop", "folder", "run", "tmp", "journal", "lock.d"];
@@ -317,6 +318,17 @@ fn open_anonymous(dir: &File) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Makes the folders of the private area that are missing. The one holding each run's
+/// temporary folder spreads its subfolders ([`crate::topdir`]), so that the run's new
+/// inodes are allocated away from files deleted lately.
+fn make_private_subdirs(private: &Path) -> io::Result<()> {
+    for sub in PRIVATE_SUBDIRS {
+        fs::create_dir_all(private.join(sub))?;
+    }
+    topdir::spread_subfolders(&private.join("tmp"));
+    Ok(())
+}
+
 /// True for the errors by which a filesystem says it has no O_TMPFILE (open(2)).
 fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -331,9 +343,7 @@ impl Store {
     pub fn open(config: StoreConfig) -> io::Result<Store> {
         fs::create_dir_all(&config.root)?;
         let private = config.root.join(PRIVATE_DIR);
-        for sub in PRIVATE_SUBDIRS {
-            fs::create_dir_all(private.join(sub))?;
-        }
+        make_private_subdirs(&private)?;
         let commit_flock = open_lock(&private.join("lock"))?;
         let shards = (0..SHARDS)
             .map(|k| open_lock(&shard_path(&private, k)).map(Mutex::new))
@@ -495,9 +505,7 @@ impl Store {
                 ),
             ));
         }
-        for sub in PRIVATE_SUBDIRS {
-            fs::create_dir_all(self.private.join(sub))?;
-        }
+        make_private_subdirs(&self.private)?;
         self.registry.forget_folders();
         self.registry.make_folders()?;
         self.spare_folders.forget();
@@ -1438,6 +1446,22 @@ mod tests {
         // The held temporary folder is the new one: the next spare is opened there.
         assert!(!s.tmp_dir_removed());
         drop(s.spare().unwrap());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_folder_of_temporary_folders_spreads_them_where_the_filesystem_can() {
+        let root = tempdir("spread-tmp");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
+        let tmp = root.join(PRIVATE_DIR).join("tmp");
+        // None on a filesystem without inode flags (tmpfs); marked wherever they exist.
+        let marked = topdir::is_spread(&tmp);
+        assert_ne!(marked, Some(false));
+        // Recreated by an instance after an operator removed the area: marked again.
+        fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
+        let inc = s.begin(b"HDR").unwrap();
+        assert_eq!(topdir::is_spread(&tmp), marked);
+        drop(inc);
         fs::remove_dir_all(root).unwrap();
     }
 
