@@ -544,6 +544,7 @@ def run_once(
     workdir: Path,
     sender_args: list[str],
     keep: bool,
+    delete_each: bool = False,
 ) -> RunResult:
     result = RunResult(scenario.name, spec.name, run, ok=False)
     rundir = workdir / f"{scenario.name}-{spec.name}-{run}"
@@ -622,7 +623,7 @@ def run_once(
     result.ok = bool(report["ok"]) and check.ok and not result.error
     if not check.ok and not result.error:
         result.error = f"verification failed: {asdict(check)}"
-    if not keep and result.ok and check.files <= IMMEDIATE_DELETE_MAX_FILES:
+    if not keep and result.ok and (delete_each or check.files <= IMMEDIATE_DELETE_MAX_FILES):
         shutil.rmtree(rundir, ignore_errors=True)
     else:
         result.rundir = str(rundir)
@@ -894,6 +895,13 @@ def _main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not wait 6 min after the previous invocation's mass deletion (dev runs)",
     )
+    parser.add_argument(
+        "--delete-each-run",
+        action="store_true",
+        help="remove every run's storage dir as soon as it is verified, as a harness that "
+        "cleans up between runs does (the next runs then create files among inodes freed "
+        "moments ago: see RESULTS.md)",
+    )
     args = parser.parse_args(argv)
 
     loadgen = find_loadgen(args.loadgen, args.build)
@@ -937,7 +945,17 @@ def _main(argv: list[str] | None = None) -> int:
         corpus = corpora[s.corpus_key(args.scale)]
         for run in range(args.runs):
             for spec in servers:
-                r = run_once(s, spec, run, corpus, loadgen, workdir, sender_args, args.keep)
+                r = run_once(
+                    s,
+                    spec,
+                    run,
+                    corpus,
+                    loadgen,
+                    workdir,
+                    sender_args,
+                    args.keep,
+                    args.delete_each_run,
+                )
                 results.append(r)
                 status = "ok" if r.ok else f"FAILED: {r.error}"
                 log(
@@ -966,7 +984,8 @@ def _main(argv: list[str] | None = None) -> int:
     report = markdown(summary, scenarios, servers, skipped, bound_summary)
     header = (
         f"runs={args.runs} scale={args.scale} syntax={args.syntax} max_pdu={args.max_pdu} "
-        f"nagle={args.nagle} elapsed={time.monotonic() - started:.0f}s"
+        f"nagle={args.nagle} delete_each_run={args.delete_each_run} "
+        f"elapsed={time.monotonic() - started:.0f}s"
     )
     print(header + "\n\n" + report)
     if args.markdown:
