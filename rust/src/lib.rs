@@ -6,6 +6,7 @@
 //! acknowledges index commits (see `events.rs`).
 
 pub mod association;
+pub mod birthplace;
 pub mod dimse;
 pub mod direct_write;
 pub mod events;
@@ -19,7 +20,6 @@ pub mod service;
 pub mod sniff;
 pub mod spare_folders;
 pub mod store;
-pub mod topdir;
 pub mod transport;
 
 #[cfg(feature = "python")]

@@ -35,7 +35,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::store::PRIVATE_DIR;
+use crate::store::{rename_noreplace, PRIVATE_DIR};
 
 /// Folders of `sop/` and of `folder/`.
 const FOLDERS: u64 = 256;
@@ -157,10 +157,18 @@ impl Registry {
     }
 
     /// Creates the entry `entry` for `target` (from [`Registry::target`]), see
-    /// [`Registry::link_entry`]. False when the entry exists already: the UID was seen
-    /// before.
-    pub fn claim(&self, entry: &Path, target: &str) -> io::Result<bool> {
-        make_in_folder(entry, &mut false, |at| self.link_entry(at, target))
+    /// [`Registry::link_entry`]; a symlink is made at `staged` first where given (a free
+    /// name in the run's temporary folder, [`crate::birthplace`]), then renamed into
+    /// place unless the entry exists. False when the entry exists already: the UID was
+    /// seen before.
+    pub fn claim(&self, entry: &Path, target: &str, staged: Option<&Path>) -> io::Result<bool> {
+        make_in_folder(entry, &mut false, |at| self.link_entry(at, target, staged))
+    }
+
+    /// Whether the entry for `target` needs an inode of its own (a symlink), rather
+    /// than being another name of a folder link.
+    pub fn needs_inode(target: &str) -> bool {
+        !target.starts_with(FOLDER_LINK_PREFIX)
     }
 
     /// Points an existing entry (dangling or naming another file) at `target`,
@@ -168,7 +176,7 @@ impl Registry {
     /// filesystem) and renamed over it.
     pub fn repoint(&self, entry: &Path, target: &str, staged: &Path) -> io::Result<()> {
         let _ = fs::remove_file(staged);
-        self.link_entry(staged, target)?;
+        self.link_entry(staged, target, None)?;
         fs::rename(staged, entry)?;
         // rename(2) of a name onto another name of the same inode (an entry that is a
         // hard link of this folder link already) does nothing and leaves both.
@@ -177,18 +185,31 @@ impl Registry {
     }
 
     /// Makes the entry `at` for `target`: a hard link of the folder link `target`
-    /// names, else a symlink to `target`. A symlink also when the hard link fails
-    /// otherwise than with EEXIST: the folder link at the filesystem's most links
-    /// (EMLINK on ext4), or hard links refused (EPERM under protected_hardlinks when
-    /// another user made it).
-    fn link_entry(&self, at: &Path, target: &str) -> io::Result<()> {
+    /// names, else a symlink to `target`, made at `staged` and renamed to `at` where
+    /// given. A symlink also when the hard link fails otherwise than with EEXIST: the
+    /// folder link at the filesystem's most links (EMLINK on ext4), or hard links
+    /// refused (EPERM under protected_hardlinks when another user made it).
+    fn link_entry(&self, at: &Path, target: &str, staged: Option<&Path>) -> io::Result<()> {
         if target.starts_with(FOLDER_LINK_PREFIX) {
             match fs::hard_link(self.root.join(target), at) {
                 Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {}
                 linked => return linked,
             }
         }
-        symlink(target, at)
+        let Some(staged) = staged.filter(|staged| symlink(target, staged).is_ok()) else {
+            return symlink(target, at);
+        };
+        let renamed = rename_noreplace(staged, at);
+        if renamed.is_err() {
+            let _ = fs::remove_file(staged);
+        }
+        match renamed {
+            // A filesystem without RENAME_NOREPLACE: made in place.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                symlink(target, at)
+            }
+            renamed => renamed,
+        }
     }
 
     /// The path, relative to the root, that the entry of `sop_uid` at `entry` names
@@ -336,11 +357,17 @@ mod tests {
             ("1.6.dcm", "1.6"),
             ("1.7.dcm", "1.7"),
         ];
+        // Where a symlink entry is made before it is renamed into place.
+        let staged = root.join("staged");
         for (n, (relpath, uid)) in stores.into_iter().enumerate() {
             let target = registry.target(relpath, uid, &mut changed);
             let entry = registry.entry(uid);
-            assert!(registry.claim(&entry, &target).unwrap());
-            assert!(!registry.claim(&entry, &target).unwrap());
+            assert!(registry.claim(&entry, &target, Some(&staged)).unwrap());
+            assert!(!registry.claim(&entry, &target, Some(&staged)).unwrap());
+            assert!(
+                fs::symlink_metadata(&staged).is_err(),
+                "a staged entry is left"
+            );
             match n % 2 {
                 0 => assert_eq!(target, relpath),
                 _ => {
@@ -420,9 +447,11 @@ mod tests {
         let name = folder_link_name(stable_hash("1.2/1.3"));
         fs::create_dir_all(root.join(&name)).unwrap();
         let entry = registry.entry("1.4");
-        assert!(registry.claim(&entry, &name).unwrap());
+        // A staged name whose folder is missing: the symlink is made in place.
+        let staged = root.join("no-such-folder").join("staged");
+        assert!(registry.claim(&entry, &name, Some(&staged)).unwrap());
         assert_eq!(fs::read_link(&entry).unwrap(), Path::new(&name));
-        assert!(!registry.claim(&entry, &name).unwrap());
+        assert!(!registry.claim(&entry, &name, Some(&staged)).unwrap());
         fs::remove_dir_all(root).unwrap();
     }
 

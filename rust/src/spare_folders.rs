@@ -9,17 +9,15 @@
 //! with the first pair asked for: made by the association itself after its response,
 //! the two `mkdir`s held it from its socket while the next request was already there.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 
-use crate::store::os_result;
+use crate::store::rename_noreplace;
 
 /// The inner folder of a pair, renamed to the series' name.
 const INNER: &str = "s";
@@ -175,24 +173,6 @@ fn make_pair(pair: &Path, ready: &Mutex<Vec<PathBuf>>) -> io::Result<()> {
         .unwrap_or_else(|e| e.into_inner())
         .push(pair.to_path_buf());
     Ok(())
-}
-
-/// `renameat2(RENAME_NOREPLACE)`: fails with EEXIST rather than replace `to`, even an
-/// empty folder that another association has just made.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let from = CString::new(from.as_os_str().as_bytes())?;
-    let to = CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    os_result(rc)
 }
 
 #[cfg(test)]

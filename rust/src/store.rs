@@ -49,12 +49,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::birthplace::{self, Birthplace};
 use crate::direct_write::DirectWriter;
 use crate::group_sync::DirectorySyncs;
 use crate::naming::Naming;
 use crate::registry::{stable_hash, Registry};
 use crate::spare_folders::SpareFolders;
-use crate::topdir;
 
 /// Folders of the private area, made at start and again if an operator removed them.
 const PRIVATE_SUBDIRS: [&str; 6] = ["sop", "folder", "run", "tmp", "journal", "lock.d"];
@@ -231,6 +231,8 @@ pub struct Store {
     registry: Registry,
     /// Folders made ahead for instances of a new study.
     spare_folders: SpareFolders,
+    /// Where registry entries and folders are made (see [`crate::birthplace`]).
+    birthplace: Birthplace,
 }
 
 /// Number of commit lock shards (see the module documentation).
@@ -319,13 +321,13 @@ fn open_anonymous(dir: &File) -> io::Result<File> {
 }
 
 /// Makes the folders of the private area that are missing. The one holding each run's
-/// temporary folder spreads its subfolders ([`crate::topdir`]), so that the run's new
+/// temporary folder spreads its subfolders ([`crate::birthplace`]), so that the run's new
 /// inodes are allocated away from files deleted lately.
 fn make_private_subdirs(private: &Path) -> io::Result<()> {
     for sub in PRIVATE_SUBDIRS {
         fs::create_dir_all(private.join(sub))?;
     }
-    topdir::spread_subfolders(&private.join("tmp"));
+    birthplace::spread_subfolders(&private.join("tmp"));
     Ok(())
 }
 
@@ -402,6 +404,7 @@ impl Store {
             anonymous_ok: AtomicBool::new(true),
             registry,
             spare_folders: SpareFolders::default(),
+            birthplace: Birthplace::default(),
             config,
         })
     }
@@ -615,7 +618,7 @@ impl Store {
         let _guard = self.lock(sop_uid)?;
         // Claiming the registry entry is also the check: it exists only for a UID seen
         // before (a crash may leave one dangling, which counts as not stored).
-        let claimed = self.registry.claim(&link, &target)?;
+        let claimed = self.claim(&link, &target)?;
         let existing = (!claimed)
             .then(|| self.registry.stored_path(&link, sop_uid))
             .flatten()
@@ -886,7 +889,7 @@ impl Store {
         for part in parts {
             let parent = dir.clone();
             dir.push(part);
-            match fs::create_dir(&dir) {
+            match self.make_folder(&dir) {
                 Ok(()) => changed.push(parent),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
@@ -896,6 +899,44 @@ impl Store {
             self.spare_folders.want();
         }
         Ok(changed)
+    }
+
+    /// Claims the registry entry `link` for `target`. An entry that needs an inode of
+    /// its own (a symlink) is made where [`Birthplace`] says.
+    fn claim(&self, link: &Path, target: &str) -> io::Result<bool> {
+        if !Registry::needs_inode(target) {
+            return self.registry.claim(link, target, None);
+        }
+        if self.birthplace.staged() {
+            return self
+                .registry
+                .claim(link, target, Some(&self.next_temp_path()));
+        }
+        self.birthplace
+            .in_place(|| self.registry.claim(link, target, None))
+    }
+
+    /// Makes the folder `dir` (AlreadyExists when it is there) where [`Birthplace`]
+    /// says: in place, or in the run's temporary folder and renamed into place.
+    fn make_folder(&self, dir: &Path) -> io::Result<()> {
+        if !self.birthplace.staged() {
+            return self.birthplace.in_place(|| fs::create_dir(dir));
+        }
+        let staged = self.next_temp_path();
+        if fs::create_dir(&staged).is_err() {
+            return fs::create_dir(dir);
+        }
+        let renamed = rename_noreplace(&staged, dir);
+        if renamed.is_err() {
+            let _ = fs::remove_dir(&staged);
+        }
+        match renamed {
+            // A filesystem without RENAME_NOREPLACE: made in place.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                fs::create_dir(dir)
+            }
+            renamed => renamed,
+        }
     }
 }
 
@@ -1141,6 +1182,24 @@ pub fn os_result(rc: libc::c_int) -> io::Result<()> {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: fails with EEXIST rather than replace `to`, be it an
+/// empty folder or a registry entry that another association has just made.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let from = CString::new(from.as_os_str().as_bytes())?;
+    let to = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    os_result(rc)
 }
 
 /// `sync_file_range(2)` of `len` bytes from `start` (0: to the end of the file): starts
@@ -1455,12 +1514,12 @@ mod tests {
         let s = store(&root, DuplicatePolicy::Reject, Naming::Flat);
         let tmp = root.join(PRIVATE_DIR).join("tmp");
         // None on a filesystem without inode flags (tmpfs); marked wherever they exist.
-        let marked = topdir::is_spread(&tmp);
+        let marked = birthplace::is_spread(&tmp);
         assert_ne!(marked, Some(false));
         // Recreated by an instance after an operator removed the area: marked again.
         fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
         let inc = s.begin(b"HDR").unwrap();
-        assert_eq!(topdir::is_spread(&tmp), marked);
+        assert_eq!(birthplace::is_spread(&tmp), marked);
         drop(inc);
         fs::remove_dir_all(root).unwrap();
     }
@@ -1719,6 +1778,43 @@ mod tests {
             fs::read_dir(root.join("2.2")).unwrap().count(),
             1,
             "no pair's inner name left"
+        );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// While inodes made in place are slow, a new study's folders and a symlink entry
+    /// are made in the run's temporary folder and renamed into place: the same files,
+    /// folders and entries, duplicates found as before, nothing left in the folder.
+    #[test]
+    fn folders_and_entries_staged_while_creating_in_place_is_slow() {
+        let root = tempdir("staged");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Hierarchical);
+        s.birthplace.stage();
+        let names = || s.next_tmp.load(Ordering::Relaxed);
+        let before = names();
+        assert_eq!(put(&s, "1.2/1.3/1.4.dcm", "1.4", b"a"), Outcome::Stored);
+        assert!(root.join("1.2/1.3").is_dir());
+        // Three inodes born under names of the temporary folder: two folders, an entry.
+        assert_eq!(names() - before, 3);
+        assert_eq!(
+            fs::read_link(s.registry.entry("1.4")).unwrap(),
+            Path::new("1.2/1.3/1.4.dcm")
+        );
+        // A duplicate in another study: its folders are made, its entry is not.
+        assert_eq!(
+            put(&s, "1.8/1.9/1.4.dcm", "1.4", b"b"),
+            Outcome::Duplicate("1.2/1.3/1.4.dcm".into())
+        );
+        // A folder another association made meanwhile is used as it is.
+        fs::create_dir_all(root.join("2.2/2.3")).unwrap();
+        assert_eq!(put(&s, "2.2/2.3/2.4.dcm", "2.4", b"c"), Outcome::Stored);
+        assert!(fs::read(root.join("2.2/2.3/2.4.dcm"))
+            .unwrap()
+            .ends_with(b"c"));
+        assert_eq!(
+            fs::read_dir(&s.tmp_dir).unwrap().count(),
+            0,
+            "a staged folder or entry is left"
         );
         fs::remove_dir_all(root).unwrap();
     }
