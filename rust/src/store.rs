@@ -488,7 +488,7 @@ impl Store {
                 Err(_) => self.anonymous_ok.store(false, Ordering::Relaxed),
             }
         }
-        let path = self.next_temp_path();
+        let path = self.temp_name("part");
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -555,9 +555,11 @@ impl Store {
         dir.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
-    fn next_temp_path(&self) -> PathBuf {
+    /// A free name in this run's temporary folder, ending in `kind` (`part` for a
+    /// file, `link` for a registry entry, `folder` for a folder).
+    fn temp_name(&self, kind: &str) -> PathBuf {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        self.tmp_dir.join(format!("{n}.part"))
+        self.tmp_dir.join(format!("{n}.{kind}"))
     }
 
     /// Holds the commit shard of `sop_uid`. The shard must not depend on anything but
@@ -751,9 +753,7 @@ impl Store {
     /// Points an existing registry entry (dangling or pointing elsewhere) at `target`,
     /// staged under a free name in this run's temporary folder.
     fn point_registry(&self, link: &Path, target: &str) -> io::Result<()> {
-        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        let staged = self.tmp_dir.join(format!("{n}.link"));
-        self.registry.repoint(link, target, &staged)
+        self.registry.repoint(link, target, &self.temp_name("link"))
     }
 
     /// Gives `incoming` its final name; `overwrite` replaces an existing file atomically,
@@ -789,7 +789,7 @@ impl Store {
                 return Ok(());
             }
             // rename(2) is the atomic overwrite, and it needs a name to move.
-            let named = self.next_temp_path();
+            let named = self.temp_name("part");
             link_anonymous(&incoming.file, &named)?;
             incoming.temp = TempName::Named(named);
         }
@@ -861,10 +861,7 @@ impl Store {
     /// after its response; a failure only leaves the next instance to make its folders
     /// itself.
     pub fn prepare_folders(&self) -> io::Result<()> {
-        self.spare_folders.prepare(|| {
-            let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-            self.tmp_dir.join(format!("{n}.folder"))
-        })
+        self.spare_folders.prepare(|| self.temp_name("folder"))
     }
 
     /// Creates the directories of `relpath` below the root; returns the parents whose
@@ -910,7 +907,7 @@ impl Store {
         if self.birthplace.staged() {
             return self
                 .registry
-                .claim(link, target, Some(&self.next_temp_path()));
+                .claim(link, target, Some(&self.temp_name("link")));
         }
         self.birthplace
             .in_place(|| self.registry.claim(link, target, None))
@@ -922,7 +919,7 @@ impl Store {
         if !self.birthplace.staged() {
             return self.birthplace.in_place(|| fs::create_dir(dir));
         }
-        let staged = self.next_temp_path();
+        let staged = self.temp_name("folder");
         if fs::create_dir(&staged).is_err() {
             return fs::create_dir(dir);
         }
