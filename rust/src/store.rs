@@ -919,6 +919,10 @@ impl Store {
         if !self.birthplace.staged() {
             return self.birthplace.in_place(|| fs::create_dir(dir));
         }
+        if dir.is_dir() {
+            // An existing level (the study of a new series): no folder to make and drop.
+            return Err(io::ErrorKind::AlreadyExists.into());
+        }
         let staged = self.temp_name("folder");
         if fs::create_dir(&staged).is_err() {
             return fs::create_dir(dir);
