@@ -556,7 +556,10 @@ def run_once(
     subst = {"{port}": str(port), "{dir}": str(storage), "{index}": str(rundir / "index.db")}
     argv = [subst.get(a, a) for a in spec.argv]
     env = {**os.environ, **dict(spec.env)}
-    drop_page_cache()
+    if not delete_each:
+        # Dropping the cache also evicts the inode tables, which ends the regime that
+        # --delete-each-run measures (recently_deleted() trusts an uncached block).
+        drop_page_cache()
     server_log = open(rundir / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         argv,
@@ -898,9 +901,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--delete-each-run",
         action="store_true",
-        help="remove every run's storage dir as soon as it is verified, as a harness that "
-        "cleans up between runs does (the next runs then create files among inodes freed "
-        "moments ago: see RESULTS.md)",
+        help="remove every run's storage dir as soon as it is verified, and keep the page "
+        "cache, as a harness that cleans up between runs does (the next runs then create "
+        "files among inodes freed moments ago: see RESULTS.md)",
     )
     args = parser.parse_args(argv)
 
