@@ -82,6 +82,11 @@ impl Birthplace {
         made
     }
 
+    /// Forgets that inodes were slow: made in place again from now on.
+    pub fn unstage(&self) {
+        self.staged_until.store(0, Ordering::Relaxed);
+    }
+
     /// Makes the next inodes in the temporary folder, as after slow ones in place.
     #[cfg(test)]
     pub fn stage(&self) {

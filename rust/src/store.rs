@@ -213,9 +213,13 @@ pub struct Store {
     config: StoreConfig,
     private: PathBuf,
     tmp_dir: PathBuf,
-    /// `tmp_dir`, open: O_TMPFILEs are made relative to it, and its link count says
-    /// whether it was removed, without a walk of the whole path per instance.
-    tmp_fd: RwLock<File>,
+    /// Where this run's new inodes are born: `tmp_dir`, or a folder in it once births
+    /// there were slow ([`Store::open_temporary`]).
+    births: RwLock<Births>,
+    /// How the O_TMPFILEs of the births folder have been coming (slow or not).
+    file_births: Birthplace,
+    /// Births folders made so far besides `tmp_dir`.
+    births_moved: AtomicU64,
     run_id: String,
     /// Held (flock) for the life of the process: tells others this run is alive.
     run_lock: Mutex<File>,
@@ -370,7 +374,7 @@ impl Store {
         })();
         flock(&commit_flock, libc::LOCK_UN)?;
         let (run_lock, tmp_dir) = registered?;
-        let tmp_fd = RwLock::new(open_directory(&tmp_dir)?);
+        let births = RwLock::new(Births::at(tmp_dir.clone())?);
         let journal = if config.journal {
             // A new file per run: lines are written at known offsets (not O_APPEND).
             let file = OpenOptions::new()
@@ -394,7 +398,9 @@ impl Store {
         Ok(Store {
             private,
             tmp_dir,
-            tmp_fd,
+            births,
+            file_births: Birthplace::default(),
+            births_moved: AtomicU64::new(0),
             run_id,
             run_lock: Mutex::new(run_lock),
             shards,
@@ -481,7 +487,12 @@ impl Store {
     /// make one, a named file there.
     fn open_temporary(&self) -> io::Result<(File, TempName)> {
         if self.anonymous_ok.load(Ordering::Relaxed) {
-            let opened = open_anonymous(&self.tmp_fd.read().unwrap_or_else(|e| e.into_inner()));
+            let births = self.births.read().unwrap_or_else(|e| e.into_inner());
+            let opened = self.file_births.in_place(|| open_anonymous(&births.dir));
+            drop(births);
+            if self.file_births.staged() {
+                self.move_births();
+            }
             match opened {
                 Ok(file) => return Ok((file, TempName::Anonymous)),
                 Err(e) if !tmpfile_unsupported(&e) => return Err(e),
@@ -525,7 +536,7 @@ impl Store {
                 hold_run_lock(&self.private, &self.run_id)?;
         }
         fs::create_dir_all(&self.tmp_dir)?;
-        *self.tmp_fd.write().unwrap_or_else(|e| e.into_inner()) = open_directory(&self.tmp_dir)?;
+        *self.births.write().unwrap_or_else(|e| e.into_inner()) = Births::at(self.tmp_dir.clone())?;
         drop(registration);
         for (k, shard) in self.shards.iter().enumerate() {
             let path = shard_path(&self.private, k);
@@ -551,15 +562,36 @@ impl Store {
     /// Whether this run's temporary folder was removed (with the private area, by an
     /// operator): a removed directory has no links left.
     fn tmp_dir_removed(&self) -> bool {
-        let dir = self.tmp_fd.read().unwrap_or_else(|e| e.into_inner());
-        dir.metadata().map_or(true, |m| m.nlink() == 0)
+        let births = self.births.read().unwrap_or_else(|e| e.into_inner());
+        births.dir.metadata().map_or(true, |m| m.nlink() == 0)
     }
 
-    /// A free name in this run's temporary folder, ending in `kind` (`part` for a
-    /// file, `link` for a registry entry, `folder` for a folder).
+    /// A free name in this run's births folder, ending in `kind` (`part` for a file,
+    /// `link` for a registry entry, `folder` for a folder).
     fn temp_name(&self, kind: &str) -> PathBuf {
         let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
-        self.tmp_dir.join(format!("{n}.{kind}"))
+        let births = self.births.read().unwrap_or_else(|e| e.into_inner());
+        births.path.join(format!("{n}.{kind}"))
+    }
+
+    /// Moves the births folder to a new folder in the run's temporary folder, whose
+    /// subfolders ext4 spreads ([`crate::birthplace`]): creating files in the current
+    /// one is slow, most likely because ext4 put it where many inodes were freed
+    /// lately; a folder with another name most likely lands elsewhere. At most
+    /// [`BIRTHS_MOVES`] times a run; a failure leaves the births where they are.
+    fn move_births(&self) {
+        self.file_births.unstage();
+        if self.births_moved.fetch_add(1, Ordering::Relaxed) >= BIRTHS_MOVES {
+            return;
+        }
+        birthplace::spread_subfolders(&self.tmp_dir);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = self.tmp_dir.join(format!("{nanos}.births"));
+        if let Ok(births) = fs::create_dir(&path).and_then(|()| Births::at(path)) {
+            *self.births.write().unwrap_or_else(|e| e.into_inner()) = births;
+        }
     }
 
     /// Holds the commit shard of `sop_uid`. The shard must not depend on anything but
@@ -938,6 +970,24 @@ impl Store {
             }
             renamed => renamed,
         }
+    }
+}
+
+/// Births folders a run makes at the most after its first ([`Store::move_births`]).
+const BIRTHS_MOVES: u64 = 8;
+
+/// The folder where a run's new inodes are born, and open: O_TMPFILEs are made
+/// relative to it, and its link count says whether it was removed, without a walk of
+/// the whole path per instance.
+struct Births {
+    path: PathBuf,
+    dir: File,
+}
+
+impl Births {
+    fn at(path: PathBuf) -> io::Result<Births> {
+        let dir = open_directory(&path)?;
+        Ok(Births { path, dir })
     }
 }
 
@@ -1780,6 +1830,35 @@ mod tests {
             1,
             "no pair's inner name left"
         );
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Slow births of temporary files move the births to a new folder in the run's
+    /// temporary folder, a few times a run at the most; instances go on as before.
+    #[test]
+    fn slow_births_move_to_a_new_folder() {
+        let root = tempdir("births");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Hierarchical);
+        let births = || s.births.read().unwrap().path.clone();
+        assert_eq!(births(), s.tmp_dir);
+        s.file_births.stage();
+        drop(s.begin(b"HDR").unwrap());
+        let moved = births();
+        assert_eq!(moved.parent(), Some(s.tmp_dir.as_path()));
+        assert!(moved.is_dir());
+        assert!(!s.file_births.staged(), "the move starts the count anew");
+        assert_eq!(put(&s, "1.2/1.3/1.4.dcm", "1.4", b"a"), Outcome::Stored);
+        assert!(s.temp_name("part").starts_with(&moved));
+        for _ in 0..BIRTHS_MOVES + 2 {
+            s.file_births.stage();
+            drop(s.begin(b"HDR").unwrap());
+        }
+        let folders = fs::read_dir(&s.tmp_dir).unwrap().count() as u64;
+        assert_eq!(folders, BIRTHS_MOVES, "moves past the limit");
+        // Removed with the private area, the births start again in the run's folder.
+        fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
+        drop(s.begin(b"HDR").unwrap());
+        assert_eq!(births(), s.tmp_dir);
         fs::remove_dir_all(root).unwrap();
     }
 
