@@ -500,6 +500,11 @@ def cleanup(out_dir: Path, paths: list[Path]) -> None:
         return
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
+    stamp_cleanup(out_dir)
+
+
+def stamp_cleanup(out_dir: Path) -> None:
+    """Syncs, and notes now as the time of the last mass deletion."""
     sync_disks()
     (out_dir / ".last-cleanup").write_text(f"{time.time():.3f}\n")
 
@@ -978,6 +983,8 @@ def _main(argv: list[str] | None = None) -> int:
     if not args.keep:
         good = [Path(r.rundir) for r in results if r.rundir and r.ok]
         cleanup(Path(args.out_dir), good + bound_dirs)
+    if args.delete_each_run:
+        stamp_cleanup(Path(args.out_dir))
     summary = summarize(results, scenarios, servers)
     durable = {spec.name: spec.durable for spec in servers}
     bound_summary = {
