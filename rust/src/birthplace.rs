@@ -13,11 +13,14 @@
 //! a hash of the name among those with the fewest folders and at least average free
 //! space), so a run's temporary folder, named anew each run, usually lands in a group
 //! nobody emptied. Every instance's file is born there (`O_TMPFILE`), and the folder
-//! pairs made ahead. A registry entry that needs an inode (a symlink) and a new folder
-//! are made in place, which costs one rename less, unless those made in place lately took
-//! long: then, for a while, they are made in the temporary folder and renamed into
-//! place ([`Birthplace`]). Other filesystems have no such flag; for them this does
-//! nothing but the timing.
+//! pairs made ahead; where those births are slow all the same (the hash picked an emptied
+//! group: the fewest folders), the store moves them to a new folder in the run's, which
+//! carries the flag too. A registry entry that needs an inode (a symlink) and a new
+//! folder are made in place, which costs one rename less, unless those made in place
+//! lately took long: then, for a while, they are made in the temporary folder and
+//! renamed into place. [`Birthplace`] tells both from the processor time of the last
+//! creations. Other filesystems have no such flag; for them this does nothing but the
+//! timing.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
