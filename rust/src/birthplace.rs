@@ -45,6 +45,10 @@ const STAGED_FOR: Duration = Duration::from_secs(2);
 /// long the last one made in place took.
 pub struct Birthplace {
     epoch: Instant,
+    /// One create in this many is timed: the clock of a thread's processor time is a
+    /// system call, not worth making around every instance's file.
+    timed_every: u64,
+    creates: AtomicU64,
     /// Nanoseconds since `epoch` until which inodes are made in the temporary folder.
     staged_until: AtomicU64,
     /// One bit per inode made in place lately, the last one lowest: set if slow.
@@ -53,23 +57,38 @@ pub struct Birthplace {
 
 impl Default for Birthplace {
     fn default() -> Birthplace {
-        Birthplace {
-            epoch: Instant::now(),
-            staged_until: AtomicU64::new(0),
-            slow: AtomicU8::new(0),
-        }
+        Birthplace::sampling(1)
     }
 }
 
 impl Birthplace {
+    /// Times one create in `every` (at least 1).
+    pub fn sampling(every: u64) -> Birthplace {
+        Birthplace {
+            epoch: Instant::now(),
+            timed_every: every.max(1),
+            creates: AtomicU64::new(0),
+            staged_until: AtomicU64::new(0),
+            slow: AtomicU8::new(0),
+        }
+    }
+
     /// True while inodes are to be made in the temporary folder and renamed into place.
     pub fn staged(&self) -> bool {
         self.since_epoch() < self.staged_until.load(Ordering::Relaxed)
     }
 
-    /// Runs `make`, which makes an inode in place, and notes whether it took long.
-    /// Processor time, not wall time: a thread preempted meanwhile is not slow.
+    /// Runs `make`, which makes an inode in place, and notes whether it took long (one
+    /// time in `every` of [`Birthplace::sampling`]). Processor time, not wall time: a
+    /// thread preempted meanwhile is not slow.
     pub fn in_place<T>(&self, make: impl FnOnce() -> T) -> T {
+        if !self
+            .creates
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(self.timed_every)
+        {
+            return make();
+        }
         let before = thread_cpu_time();
         let made = make();
         let slow = u8::from(thread_cpu_time().saturating_sub(before) > SLOW_CREATE);
@@ -197,6 +216,19 @@ mod tests {
             waited.in_place(|| std::thread::sleep(SLOW_CREATE * 2));
         }
         assert!(!waited.staged());
+        // Sampling one in two: the slow creates between the timed ones go unseen.
+        let sampled = Birthplace::sampling(2);
+        for k in 0..8 {
+            match k % 2 {
+                0 => sampled.in_place(|| ()),
+                _ => sampled.in_place(busy),
+            }
+        }
+        assert!(!sampled.staged());
+        for _ in 0..6 {
+            sampled.in_place(busy);
+        }
+        assert!(sampled.staged());
     }
 
     #[test]

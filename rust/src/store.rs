@@ -399,7 +399,7 @@ impl Store {
             private,
             tmp_dir,
             births,
-            file_births: Birthplace::default(),
+            file_births: Birthplace::sampling(FILE_BIRTHS_TIMED_EVERY),
             births_moved: AtomicU64::new(0),
             run_id,
             run_lock: Mutex::new(run_lock),
@@ -410,7 +410,7 @@ impl Store {
             anonymous_ok: AtomicBool::new(true),
             registry,
             spare_folders: SpareFolders::default(),
-            birthplace: Birthplace::default(),
+            birthplace: Birthplace::sampling(CREATES_TIMED_EVERY),
             config,
         })
     }
@@ -975,6 +975,13 @@ impl Store {
 
 /// Births folders a run makes at the most after its first ([`Store::move_births`]).
 const BIRTHS_MOVES: u64 = 8;
+
+/// One temporary file in this many is timed for [`Store::move_births`] (the clock is a
+/// system call, and there is a file per instance).
+const FILE_BIRTHS_TIMED_EVERY: u64 = 16;
+
+/// One registry symlink or folder made in place in this many is timed ([`Birthplace`]).
+const CREATES_TIMED_EVERY: u64 = 4;
 
 /// The folder where a run's new inodes are born, and open: O_TMPFILEs are made
 /// relative to it, and its link count says whether it was removed, without a walk of
