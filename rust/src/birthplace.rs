@@ -41,8 +41,8 @@ const SLOW_OF_LAST: u32 = 3;
 /// place again, to see.
 const STAGED_FOR: Duration = Duration::from_secs(2);
 
-/// Whether the next registry entry or folder is made in the temporary folder, from how
-/// long the last one made in place took.
+/// Whether new inodes are to be born elsewhere than where they were, from the processor
+/// time the last ones took: [`SLOW_OF_LAST`] of the last four timed over [`SLOW_CREATE`].
 pub struct Birthplace {
     epoch: Instant,
     /// One create in this many is timed: the clock of a thread's processor time is a

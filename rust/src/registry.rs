@@ -35,7 +35,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::store::{rename_noreplace, PRIVATE_DIR};
+use crate::store::{make_staged, PRIVATE_DIR};
 
 /// Folders of `sop/` and of `folder/`.
 const FOLDERS: u64 = 256;
@@ -196,19 +196,11 @@ impl Registry {
                 linked => return linked,
             }
         }
-        let Some(staged) = staged.filter(|staged| symlink(target, staged).is_ok()) else {
-            return symlink(target, at);
-        };
-        let renamed = rename_noreplace(staged, at);
-        if renamed.is_err() {
-            let _ = fs::remove_file(staged);
-        }
-        match renamed {
-            // A filesystem without RENAME_NOREPLACE: made in place.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-                symlink(target, at)
+        match staged {
+            Some(staged) => {
+                make_staged(staged, at, |to| symlink(target, to), |s| fs::remove_file(s))
             }
-            renamed => renamed,
+            None => symlink(target, at),
         }
     }
 

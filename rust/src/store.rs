@@ -955,21 +955,12 @@ impl Store {
             // An existing level (the study of a new series): no folder to make and drop.
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        let staged = self.temp_name("folder");
-        if fs::create_dir(&staged).is_err() {
-            return fs::create_dir(dir);
-        }
-        let renamed = rename_noreplace(&staged, dir);
-        if renamed.is_err() {
-            let _ = fs::remove_dir(&staged);
-        }
-        match renamed {
-            // A filesystem without RENAME_NOREPLACE: made in place.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-                fs::create_dir(dir)
-            }
-            renamed => renamed,
-        }
+        make_staged(
+            &self.temp_name("folder"),
+            dir,
+            |at| fs::create_dir(at),
+            |at| fs::remove_dir(at),
+        )
     }
 }
 
@@ -1239,6 +1230,29 @@ pub fn os_result(rc: libc::c_int) -> io::Result<()> {
     match rc {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Makes something with `make` at `staged` (a free name in the run's temporary folder),
+/// then renames it to `at` unless something is there (EEXIST); `remove` takes it away
+/// again when the rename fails. Made at `at` directly where nothing can be made at
+/// `staged` or the filesystem has no RENAME_NOREPLACE.
+pub fn make_staged(
+    staged: &Path,
+    at: &Path,
+    make: impl Fn(&Path) -> io::Result<()>,
+    remove: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
+    if make(staged).is_err() {
+        return make(at);
+    }
+    let renamed = rename_noreplace(staged, at);
+    if renamed.is_err() {
+        let _ = remove(staged);
+    }
+    match renamed {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => make(at),
+        renamed => renamed,
     }
 }
 
