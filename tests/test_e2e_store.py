@@ -3,6 +3,7 @@ process, and the files on disk are checked byte for byte (SPEC.md sections 3 and
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
@@ -282,6 +283,44 @@ def test_storescu_scans_a_directory_tree(server: RunningServer, tmp_path: Path) 
             sop_instance_uid=ds.SOPInstanceUID,
             calling_ae="STORESCU",
         )
+
+
+# linux/fs.h: the inode flags ioctl (_IOR('f', 1, long)) and the "top directory" flag.
+FS_IOC_GETFLAGS = 0x80086601
+FS_TOPDIR_FL = 0x00020000
+
+
+def inode_flags(path: Path) -> int | None:
+    """The inode flags of `path` (as `lsattr` shows them), None where the filesystem
+    keeps none (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        answer = fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    flags: int = struct.unpack_from("=i", answer)[0]
+    return flags
+
+
+def test_each_run_is_born_in_a_folder_ext4_spreads(server: RunningServer, tmp_path: Path) -> None:
+    """The folder of the runs' temporary folders carries ext4's top-directory flag (so a
+    run's new inodes are allocated away from files deleted lately), wherever the
+    filesystem keeps inode flags; an instance stored meanwhile is under its final name,
+    and nothing of it is left in the run's folder (but a study's folders made ahead)."""
+    ds = make_dataset(f"{ROOT}.31.1", pixel_bytes=1024)
+    source = write_part10(ds, tmp_path / "in" / "a.dcm")
+    result = storescu(server.port, source)
+    assert result.returncode == 0, result.stderr
+    assert data_set_bytes(hierarchical_path(server, ds)) == data_set_bytes(source)
+    tmp = server.storage / ".storescp" / "tmp"
+    flags = inode_flags(tmp)
+    if flags is not None:
+        assert flags & FS_TOPDIR_FL, f"{tmp} has flags {flags:#x}"
+    (run,) = tmp.iterdir()
+    left = [p.name for p in run.iterdir() if not (p.is_dir() and p.name.endswith(".folder"))]
+    assert left == []
 
 
 # A sender without TCP_NODELAY holds back each write until the one before is acknowledged;
