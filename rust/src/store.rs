@@ -216,8 +216,8 @@ pub struct Store {
     /// Where this run's new inodes are born: `tmp_dir`, or a folder in it once births
     /// there were slow ([`Store::open_temporary`]).
     births: RwLock<Births>,
-    /// How the O_TMPFILEs of the births folder have been coming (slow or not).
-    file_births: Birthplace,
+    /// How long the inodes born in the births folder took lately.
+    births_timing: Birthplace,
     /// Births folders made so far besides `tmp_dir`.
     births_moved: AtomicU64,
     run_id: String,
@@ -399,7 +399,7 @@ impl Store {
             private,
             tmp_dir,
             births,
-            file_births: Birthplace::sampling(FILE_BIRTHS_TIMED_EVERY),
+            births_timing: Birthplace::sampling(BIRTHS_TIMED_EVERY),
             births_moved: AtomicU64::new(0),
             run_id,
             run_lock: Mutex::new(run_lock),
@@ -487,12 +487,9 @@ impl Store {
     /// make one, a named file there.
     fn open_temporary(&self) -> io::Result<(File, TempName)> {
         if self.anonymous_ok.load(Ordering::Relaxed) {
-            let births = self.births.read().unwrap_or_else(|e| e.into_inner());
-            let opened = self.file_births.in_place(|| open_anonymous(&births.dir));
-            drop(births);
-            if self.file_births.staged() {
-                self.move_births();
-            }
+            let opened = self.in_births(|| {
+                open_anonymous(&self.births.read().unwrap_or_else(|e| e.into_inner()).dir)
+            });
             match opened {
                 Ok(file) => return Ok((file, TempName::Anonymous)),
                 Err(e) if !tmpfile_unsupported(&e) => return Err(e),
@@ -575,12 +572,12 @@ impl Store {
     }
 
     /// Moves the births folder to a new folder in the run's temporary folder, whose
-    /// subfolders ext4 spreads ([`crate::birthplace`]): creating files in the current
+    /// subfolders ext4 spreads ([`crate::birthplace`]): creating inodes in the current
     /// one is slow, most likely because ext4 put it where many inodes were freed
     /// lately; a folder with another name most likely lands elsewhere. At most
     /// [`BIRTHS_MOVES`] times a run; a failure leaves the births where they are.
     fn move_births(&self) {
-        self.file_births.unstage();
+        self.births_timing.unstage();
         if self.births_moved.fetch_add(1, Ordering::Relaxed) >= BIRTHS_MOVES {
             return;
         }
@@ -937,9 +934,8 @@ impl Store {
             return self.registry.claim(link, target, None);
         }
         if self.birthplace.staged() {
-            return self
-                .registry
-                .claim(link, target, Some(&self.temp_name("link")));
+            let staged = self.temp_name("link");
+            return self.in_births(|| self.registry.claim(link, target, Some(&staged)));
         }
         self.birthplace
             .in_place(|| self.registry.claim(link, target, None))
@@ -955,21 +951,34 @@ impl Store {
             // An existing level (the study of a new series): no folder to make and drop.
             return Err(io::ErrorKind::AlreadyExists.into());
         }
-        make_staged(
-            &self.temp_name("folder"),
-            dir,
-            |at| fs::create_dir(at),
-            |at| fs::remove_dir(at),
-        )
+        let staged = self.temp_name("folder");
+        self.in_births(|| {
+            make_staged(
+                &staged,
+                dir,
+                |at| fs::create_dir(at),
+                |at| fs::remove_dir(at),
+            )
+        })
+    }
+
+    /// Runs `make`, which makes an inode in the births folder, noting how long it took;
+    /// moves the births once they have been slow ([`Store::move_births`]).
+    fn in_births<T>(&self, make: impl FnOnce() -> T) -> T {
+        let made = self.births_timing.in_place(make);
+        if self.births_timing.staged() {
+            self.move_births();
+        }
+        made
     }
 }
 
 /// Births folders a run makes at the most after its first ([`Store::move_births`]).
 const BIRTHS_MOVES: u64 = 8;
 
-/// One temporary file in this many is timed for [`Store::move_births`] (the clock is a
-/// system call, and there is a file per instance).
-const FILE_BIRTHS_TIMED_EVERY: u64 = 16;
+/// One inode born in the births folder in this many is timed for [`Store::move_births`]
+/// (the clock is a system call, and there is a temporary file per instance).
+const BIRTHS_TIMED_EVERY: u64 = 16;
 
 /// One registry symlink or folder made in place in this many is timed ([`Birthplace`]).
 const CREATES_TIMED_EVERY: u64 = 4;
@@ -1862,16 +1871,16 @@ mod tests {
         let s = store(&root, DuplicatePolicy::Reject, Naming::Hierarchical);
         let births = || s.births.read().unwrap().path.clone();
         assert_eq!(births(), s.tmp_dir);
-        s.file_births.stage();
+        s.births_timing.stage();
         drop(s.begin(b"HDR").unwrap());
         let moved = births();
         assert_eq!(moved.parent(), Some(s.tmp_dir.as_path()));
         assert!(moved.is_dir());
-        assert!(!s.file_births.staged(), "the move starts the count anew");
+        assert!(!s.births_timing.staged(), "the move starts the count anew");
         assert_eq!(put(&s, "1.2/1.3/1.4.dcm", "1.4", b"a"), Outcome::Stored);
         assert!(s.temp_name("part").starts_with(&moved));
         for _ in 0..BIRTHS_MOVES + 2 {
-            s.file_births.stage();
+            s.births_timing.stage();
             drop(s.begin(b"HDR").unwrap());
         }
         let folders = fs::read_dir(&s.tmp_dir).unwrap().count() as u64;
@@ -1880,6 +1889,20 @@ mod tests {
         fs::remove_dir_all(root.join(PRIVATE_DIR)).unwrap();
         drop(s.begin(b"HDR").unwrap());
         assert_eq!(births(), s.tmp_dir);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A folder made in the births folder is a birth as well: slow ones move it too.
+    #[test]
+    fn slow_staged_folders_move_the_births() {
+        let root = tempdir("staged-births");
+        let s = store(&root, DuplicatePolicy::Reject, Naming::Hierarchical);
+        s.birthplace.stage();
+        s.births_timing.stage();
+        s.make_folder(&root.join("9.9")).unwrap();
+        assert!(root.join("9.9").is_dir());
+        let births = s.births.read().unwrap().path.clone();
+        assert_eq!(births.parent(), Some(s.tmp_dir.as_path()));
         fs::remove_dir_all(root).unwrap();
     }
 
