@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 from storescp.config import ServerConfig
-from storescp.console import Console, format_bytes, timestamp
+from storescp.console import Console, Stamp, format_bytes
 from storescp.server import Statistics
 
-NOW = datetime(2024, 1, 2, 3, 4, 5, 678_900)
+
+def local_ns(moment: datetime) -> int:
+    """Nanoseconds since the epoch of a local time, as the console's clock gives them."""
+    return int(moment.replace(microsecond=0).timestamp()) * 10**9 + moment.microsecond * 1000
+
+
+NOW = local_ns(datetime(2024, 1, 2, 3, 4, 5, 678_900))
 STAMP = "[2024-01-02 03:04:05.678] "
 
 
@@ -58,8 +64,22 @@ def test_format_bytes(count: int, text: str) -> None:
     assert format_bytes(count) == text
 
 
-def test_timestamp_has_milliseconds() -> None:
-    assert timestamp(NOW) == "2024-01-02 03:04:05.678"
+def test_stamp_has_milliseconds_and_follows_the_clock_across_seconds() -> None:
+    times = iter(
+        [
+            NOW,
+            local_ns(datetime(2024, 1, 2, 3, 4, 5, 999_999)),
+            local_ns(datetime(2024, 1, 2, 3, 4, 6, 1_000)),
+            local_ns(datetime(2024, 1, 3, 3, 4, 5)),
+        ]
+    )
+    stamp = Stamp(lambda: next(times))
+    assert [stamp() for _ in range(4)] == [
+        "2024-01-02 03:04:05.678",
+        "2024-01-02 03:04:05.999",
+        "2024-01-02 03:04:06.001",
+        "2024-01-03 03:04:05.000",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -115,8 +135,46 @@ def test_timestamp_has_milliseconds() -> None:
 def test_event_lines(event: Any, line: str) -> None:
     console, out, err = make_console()
     console.event(event)
+    console.flush()
     assert out.getvalue() == STAMP + line + "\n"
     assert err.getvalue() == ""
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_wait_for_flush_and_go_out_in_one_write() -> None:
+    out, err = CountingStream(), io.StringIO()
+    console = Console(out, err, clock=lambda: NOW)
+    for _ in range(3):
+        console.event(make_event("store", outcome="stored"))
+    assert out.getvalue() == ""
+    console.flush()
+    assert out.writes == 1
+    assert len(out.getvalue().splitlines()) == 3
+    console.flush()
+    assert out.writes == 1
+
+
+def test_an_error_follows_the_lines_queued_before_it() -> None:
+    shared = io.StringIO()
+    console = Console(shared, shared, clock=lambda: NOW)
+    console.event(make_event("assoc_accepted"))
+    console.event(make_event("store", outcome="failed", status=0xA700))
+    console.event(make_event("assoc_released"))
+    console.flush()
+    assert [line.split("] ")[1][:20] for line in shared.getvalue().splitlines()] == [
+        "Association establis",
+        "Error: C-STORE from ",
+        "Association released",
+    ]
 
 
 def test_failures_and_errors_go_to_stderr() -> None:
@@ -137,9 +195,11 @@ def test_quiet_hides_successes_only() -> None:
     console.event(make_event("store", outcome="stored"))
     console.event(make_event("store", outcome="replaced"))
     console.event(make_event("echo"))
+    console.flush()
     assert out.getvalue() == ""
     console.event(make_event("store", outcome="duplicate", status=0x0111))
     console.event(make_event("assoc_released"))
+    console.flush()
     assert len(out.getvalue().splitlines()) == 2
 
 
@@ -153,6 +213,7 @@ def test_peer_text_cannot_forge_lines() -> None:
             study_description="  padded \0",
         )
     )
+    console.flush()
     (line,) = out.getvalue().splitlines()
     assert "EVIL?[2024-01-01 00:00:00.000] fake?[2J" in line
     assert line.endswith("(padded)")
@@ -162,6 +223,7 @@ def test_config_block() -> None:
     console, out, _err = make_console()
     config = ServerConfig(ae_title="MY_PACS", storage_dir="/data", idle_timeout=0)
     console.config_block(config, 204)
+    console.flush()
     text = out.getvalue()
     assert "Starting Storage SCP..." in text
     assert "  AE Title:           MY_PACS\n" in text
@@ -177,6 +239,7 @@ def test_config_block() -> None:
         ae_title="MY_PACS", storage_dir="/data", accepted_sop_classes=("1.2.3",), index_db="i.db"
     )
     console.config_block(limited, 1)
+    console.flush()
     assert "  Accepted Classes:   1 SOP class(es)\n" in out.getvalue()
     assert "  Index Database:     i.db\n" in out.getvalue()
 

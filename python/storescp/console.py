@@ -1,15 +1,16 @@
 """Everything the operator sees: banner, configuration, log lines and statistics.
 
-Log lines go to `out` (stdout by default), errors to `err` (stderr). Each line is written
-whole; `flush()` is called by the event loop after each batch so that a tail of the log is
-never more than one batch behind.
+Log lines go to `out` (stdout by default), errors to `err` (stderr). Lines for `out` are queued
+and written together by `flush()`, which the event loop calls when it runs out of events and
+at least every 50 ms while they keep coming, so a tail of the log is never more than that
+behind. Errors are written at once.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Final, TextIO
 
 if TYPE_CHECKING:
@@ -43,9 +44,28 @@ def format_bytes(count: int) -> str:
     return f"{count} B" if unit == 0 else f"{size:.2f} {units[unit]}"
 
 
-def timestamp(now: datetime) -> str:
-    """Format a local time as ``YYYY-MM-DD HH:MM:SS.mmm``."""
-    return now.strftime("%Y-%m-%d %H:%M:%S.") + f"{now.microsecond // 1000:03d}"
+class Stamp:
+    """Formats the clock's local time as ``YYYY-MM-DD HH:MM:SS.mmm`` for each log line.
+
+    The text up to the second is formatted once per second: a busy receiver logs thousands
+    of lines a second, and formatting a whole time costs more than the rest of a line.
+
+    Args:
+        clock: Nanoseconds since the epoch (tests pass a fixed one).
+    """
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns) -> None:
+        self._clock = clock
+        self._second = -1
+        self._second_text = ""
+
+    def __call__(self) -> str:
+        now = self._clock()
+        second, nanoseconds = divmod(now, 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S.", time.localtime(second))
+        return f"{self._second_text}{nanoseconds // 1_000_000:03d}"
 
 
 def _clean(text: str) -> str:
@@ -79,7 +99,8 @@ class Console:
         err: Stream for errors.
         quiet: Omit the lines of successful C-STOREs and C-ECHOs; failures, refusals,
             duplicates and association lines are still written.
-        clock: Source of the local time stamped on each line (tests pass a fixed one).
+        clock: Nanoseconds since the epoch, stamped on each line in local time (tests pass
+            a fixed one).
     """
 
     def __init__(
@@ -88,29 +109,48 @@ class Console:
         err: TextIO | None = None,
         *,
         quiet: bool = False,
-        clock: Callable[[], datetime] = datetime.now,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._out = out if out is not None else sys.stdout
         self._err = err if err is not None else sys.stderr
         self._quiet = quiet
-        self._clock = clock
+        self._stamp = Stamp(clock)
+        # Lines for `out` wait here until `flush()`, which writes them at once: one write(2)
+        # per flush, whatever the stream's own buffering (PYTHONUNBUFFERED makes it a write
+        # per line, a third of the event loop's time on a busy receiver).
+        self._pending: list[str] = []
 
     def print(self, text: str = "") -> None:
-        """Write `text` and a newline to the output stream, unstamped."""
-        self._out.write(text + "\n")
+        """Queue `text` and a newline for the output stream, unstamped."""
+        self._pending.append(text + "\n")
 
     def log(self, message: str) -> None:
-        """Write one time-stamped line to the output stream."""
-        self._out.write(f"[{timestamp(self._clock())}] {message}\n")
+        """Queue one time-stamped line for the output stream."""
+        self._pending.append(f"[{self._stamp()}] {message}\n")
 
     def error(self, message: str) -> None:
-        """Write one time-stamped ``Error: ...`` line to the error stream."""
-        self._err.write(f"[{timestamp(self._clock())}] Error: {message}\n")
+        """Write one time-stamped ``Error: ...`` line to the error stream, after the queue.
+
+        The queued lines go first so that, on a terminal or in one file, the lines keep the
+        order of the events.
+        """
+        self._write_pending()
+        self._out.flush()
+        self._err.write(f"[{self._stamp()}] Error: {message}\n")
+        self._err.flush()
 
     def flush(self) -> None:
-        """Flush both streams."""
+        """Write the queued lines and flush both streams."""
+        self._write_pending()
         self._out.flush()
         self._err.flush()
+
+    def _write_pending(self) -> None:
+        # Swapped in one statement: a signal handler that queues a line meanwhile (cli.py)
+        # adds it either to the lines written now or to the next flush's.
+        pending, self._pending = self._pending, []
+        if pending:
+            self._out.write("".join(pending))
 
     def banner(self) -> None:
         """Write the ASCII-art banner."""
