@@ -126,7 +126,9 @@ class ServerSpec:
 
 def server_specs(python: str, storescp_cmd: list[str] | None) -> dict[str, ServerSpec]:
     ours = tuple(storescp_cmd) if storescp_cmd else (python, "-m", "storescp")
-    base = (*ours, "{port}", AE_TITLE, "--storage-dir", "{dir}", "--quiet")
+    logged = (*ours, "{port}", AE_TITLE, "--storage-dir", "{dir}")
+    # dcmtk prints nothing per instance by default; --quiet compares like with like.
+    base = (*logged, "--quiet")
     dcmtk = (DCMTK_STORESCP, "+B", "+xa", "-aet", AE_TITLE, "-od", "{dir}", "{port}")
     nodelay = (("TCP_NODELAY", "1"),)
     specs = (
@@ -140,6 +142,14 @@ def server_specs(python: str, storescp_cmd: list[str] | None) -> dict[str, Serve
         ),
         ServerSpec("storescp", "storescp (fsync on, default)", base, durable=True),
         ServerSpec("storescp-nofsync", "storescp --no-fsync", (*base, "--no-fsync")),
+        ServerSpec(
+            "storescp-logged", "storescp, every C-STORE logged (fsync on)", logged, durable=True
+        ),
+        ServerSpec(
+            "storescp-nofsync-logged",
+            "storescp --no-fsync, every C-STORE logged",
+            (*logged, "--no-fsync"),
+        ),
         ServerSpec(
             "storescp-index",
             "storescp --index-db (fsync on)",
@@ -869,7 +879,8 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         default=",".join(DEFAULT_SERVERS),
-        help="comma list of dcmtk, dcmtk-fork, storescp, storescp-nofsync, storescp-index",
+        help="comma list of dcmtk, dcmtk-fork, storescp, storescp-nofsync, storescp-index, "
+        "storescp-logged, storescp-nofsync-logged",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply corpus sizes")
     parser.add_argument(

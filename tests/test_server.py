@@ -147,7 +147,7 @@ def test_misuse_is_reported(tmp_path: Path, logs: tuple[Console, io.StringIO, io
 
 
 def test_port_in_use(tmp_path: Path, logs: tuple[Console, io.StringIO, io.StringIO]) -> None:
-    console, _out, _err = logs
+    console, out, _err = logs
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -155,6 +155,8 @@ def test_port_in_use(tmp_path: Path, logs: tuple[Console, io.StringIO, io.String
         scp = StorageSCP(make_config(tmp_path, port=port), console)
         with pytest.raises(StartError, match=rf"^cannot listen on 127\.0\.0\.1:{port}: "):
             scp.start()
+    # What start said before it failed is not lost in the console's queue.
+    assert out.getvalue() == f"Created storage directory: {tmp_path / 'store'}\n"
 
 
 def test_unopenable_index(tmp_path: Path, logs: tuple[Console, io.StringIO, io.StringIO]) -> None:

@@ -137,34 +137,41 @@ class StorageSCP:
             RuntimeError: When called twice.
         """
         with self._lock:
-            if self._server is not None:
-                raise RuntimeError("StorageSCP.start() was already called")
-            storage_dir = self.config.storage_dir
-            if _prepare_storage_dir(storage_dir):
-                self._console.print(f"Created storage directory: {storage_dir}")
-            # Imported here so that argument errors and storage-dir errors are reported
-            # without loading the extension.
-            from storescp import _core
+            try:
+                return self._start()
+            finally:
+                # The lines start queued reach the operator, also when it failed.
+                self._console.flush()
 
-            try:
-                removed = _core.sweep_temporaries(storage_dir)
-            except OSError as exc:
-                raise StartError(
-                    f"cannot remove temporary files in {storage_dir}: {_reason(exc)}"
-                ) from exc
-            if removed:
-                self._console.log(f"Removed {removed} temporary file(s) left by a stopped run")
-            self._index = self._open_index()
-            try:
-                self._server = self._start_core()
-            except BaseException:
-                self._close_index()
-                raise
-            self._started_at = time.monotonic()
-            if self._stop_drain is not None:
-                # stop() was called (a signal) while starting: honour it now.
-                self._server.shutdown(self._stop_drain)
-            return self._server.port
+    def _start(self) -> int:
+        if self._server is not None:
+            raise RuntimeError("StorageSCP.start() was already called")
+        storage_dir = self.config.storage_dir
+        if _prepare_storage_dir(storage_dir):
+            self._console.print(f"Created storage directory: {storage_dir}")
+        # Imported here so that argument errors and storage-dir errors are reported
+        # without loading the extension.
+        from storescp import _core
+
+        try:
+            removed = _core.sweep_temporaries(storage_dir)
+        except OSError as exc:
+            raise StartError(
+                f"cannot remove temporary files in {storage_dir}: {_reason(exc)}"
+            ) from exc
+        if removed:
+            self._console.log(f"Removed {removed} temporary file(s) left by a stopped run")
+        self._index = self._open_index()
+        try:
+            self._server = self._start_core()
+        except BaseException:
+            self._close_index()
+            raise
+        self._started_at = time.monotonic()
+        if self._stop_drain is not None:
+            # stop() was called (a signal) while starting: honour it now.
+            self._server.shutdown(self._stop_drain)
+        return self._server.port
 
     def _open_index(self) -> Index | None:
         db_path = self.config.index_db
