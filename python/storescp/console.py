@@ -116,8 +116,8 @@ class Console:
         self._quiet = quiet
         self._stamp = Stamp(clock)
         # Lines for `out` wait here until `flush()`, which writes them at once: one write(2)
-        # per flush, whatever the stream's own buffering (PYTHONUNBUFFERED makes it a write
-        # per line, a third of the event loop's time on a busy receiver).
+        # per flush, whatever the stream's own buffering (PYTHONUNBUFFERED would make it one
+        # per line, thousands a second on a busy receiver).
         self._pending: list[str] = []
 
     def print(self, text: str = "") -> None:
