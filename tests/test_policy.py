@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from importlib.metadata import version
+
 import pytest
+import storescp
 from pydicom._uid_dict import UID_dictionary
 from storescp.config import ConfigError, is_valid_uid
 from storescp.policy import (
@@ -156,3 +161,24 @@ def test_accept_malformed_uid(text: str) -> None:
 def test_accepted_sop_classes() -> None:
     assert accepted_sop_classes(None) == STORAGE_SOP_CLASSES
     assert accepted_sop_classes((US,)) == (US,)
+
+
+def test_the_server_starts_without_importing_pydicom() -> None:
+    # The pydicom package costs ~20 MB resident; the server reads its UID table alone.
+    code = (
+        "import sys, storescp.cli, storescp.policy as policy\n"
+        "print(len(policy.STORAGE_SOP_CLASSES), len(policy.TRANSFER_SYNTAXES))\n"
+        "print(sorted(m for m in ('pydicom', 'importlib.metadata') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    counts, loaded = done.stdout.splitlines()
+    assert counts == f"{len(STORAGE_SOP_CLASSES)} {len(TRANSFER_SYNTAXES)}"
+    assert loaded == "[]"
+
+
+def test_version_is_the_installed_one() -> None:
+    assert storescp.__version__ == version("storescp")
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = storescp.nothing  # type: ignore[attr-defined]

@@ -4,15 +4,8 @@ The public API is `StorageSCP`, configured by a `ServerConfig`; the command line
 (``storescp``, ``store_scp``, ``python -m storescp``) is built on it.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from storescp.config import ConfigError, ServerConfig
 from storescp.server import StartError, Statistics, StorageSCP
-
-try:
-    __version__ = version("storescp")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "ConfigError",
@@ -22,3 +15,16 @@ __all__ = [
     "StorageSCP",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> str:
+    # `__version__` is looked up when asked for: importlib.metadata alone takes longer to
+    # import than the rest of the server's start.
+    if name != "__version__":
+        raise AttributeError(f"module 'storescp' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("storescp")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"

@@ -22,8 +22,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pydicom import dcmread
-
 from storescp.index.model import InstanceRecord, utc_iso_from_timestamp
 
 PRIVATE_DIR = ".storescp"
@@ -298,6 +296,10 @@ def read_instance(root: Path, relpath: str) -> InstanceRecord:
         Exception: whatever pydicom raises on a file it cannot parse
             (InvalidDicomError for one that is not DICOM at all).
     """
+    # Imported at the first file read: a server whose index matches its files never loads
+    # pydicom (~20 MB resident).
+    from pydicom import dcmread
+
     path = root / relpath
     stat = path.stat()
     ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
