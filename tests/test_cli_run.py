@@ -3,12 +3,23 @@ signal, exit status 0 (SPEC.md section 2). Real server process, dcmtk peers."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RunningServer, echoscu, make_dataset, storescu, write_part10
+from conftest import (
+    RunningServer,
+    echoscu,
+    free_port,
+    make_dataset,
+    storescu,
+    wait_for_port,
+    write_part10,
+)
 
 pytest.importorskip("storescp._core", reason="the Rust core is not built")
 
@@ -65,3 +76,37 @@ def test_all_standard_classes_and_index_in_config_block(
     assert f"  Index Database:     {tmp_path / 'pacs.db'}\n" in log
     assert "C-STORE from" not in log  # --quiet
     assert "  Instances Stored:      1\n" in log
+
+
+def test_a_log_reader_that_goes_away_does_not_stop_the_server(tmp_path: Path) -> None:
+    # `storescp ... | head`: once head exits, every write to stdout fails (EPIPE).
+    port = free_port()
+    storage = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "storescp", str(port), "STORESCP", "--storage-dir", str(storage)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_for_port(port, proc)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        paths = [
+            write_part10(make_dataset(f"1.2.826.0.1.3680043.9.7.3.9{i}"), tmp_path / f"{i}.dcm")
+            for i in range(3)
+        ]
+        for path in paths:  # one association each: each one's lines fail to be written
+            assert storescu(port, path).returncode == 0
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert err.count("Error: standard output failed (Broken pipe)") == 1
+    stored = [p for p in storage.rglob("*.dcm") if ".storescp" not in p.parts]
+    assert len(stored) == 3

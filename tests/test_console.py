@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
@@ -276,3 +277,43 @@ def test_running_box_and_statistics() -> None:
     ):
         assert row + "\n" in text
     assert text.index("Server Statistics") < text.index("Storage Statistics")
+
+
+def test_a_failed_stdout_is_said_once_on_stderr() -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    with os.fdopen(write_fd, "w") as out:
+        err = io.StringIO()
+        console = Console(out, err, clock=lambda: NOW)
+        for _ in range(3):
+            console.event(make_event("store", outcome="stored"))
+            console.flush()
+        assert err.getvalue() == (
+            STAMP + "Error: standard output failed (Broken pipe); "
+            "log lines are no longer written to it\n"
+        )
+
+
+def test_lines_dropped_while_stdout_was_not_read_are_counted_there() -> None:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "w") as out:
+        console = Console(out, io.StringIO(), clock=lambda: NOW)
+        lines = 30_000  # ~2 MB: more than the pipe and the backlog hold
+        for _ in range(lines // 1000):
+            for _ in range(1000):
+                console.event(make_event("store", outcome="stored"))
+            console.flush()
+        received = b""
+        for _ in range(1000):  # the reader catches up, a pipe's buffer at a time
+            chunk = reader.read(1 << 16) or b""
+            if not chunk:
+                break
+            received += chunk
+            console.flush()
+        text = received.decode()
+        written = text.count("C-STORE from")
+        assert 0 < written < lines
+        assert text.endswith(
+            f"{STAMP}{lines - written} log line(s) dropped: standard output was not being read\n"
+        )

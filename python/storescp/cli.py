@@ -41,6 +41,8 @@ from storescp.server import DEFAULT_DRAIN_SECONDS, StartError, StorageSCP
 
 _NEGATIVE_NUMBER: Final = re.compile(r"-[0-9]+")
 _SIGNALS: Final = ("SIGINT", "SIGTERM", "SIGHUP")
+# How long the statistics may wait for a reader of the log that is behind before exiting.
+_EXIT_FLUSH_SECONDS: Final = 5.0
 
 _HELP: Final = """
 Storage SCP - DICOM Image Receiver
@@ -222,7 +224,7 @@ def run(config: ServerConfig, drain_timeout: float) -> int:
     scp.serve_forever()
     out.statistics(scp.stats())
     out.print("\nStorage SCP terminated")
-    out.flush()
+    out.flush(timeout=_EXIT_FLUSH_SECONDS)
     return 0
 
 

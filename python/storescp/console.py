@@ -3,7 +3,9 @@
 Log lines go to `out` (stdout by default), errors to `err` (stderr). Lines for `out` are queued
 and written together by `flush()`, which the event loop calls when it runs out of events and
 at least every 50 ms while they keep coming, so a tail of the log is never more than that
-behind. Errors are written at once.
+behind. Errors are written at once. Neither stream's reader can stall or stop the server
+(`storescp.output`): the console says once when a stream failed, and how many lines it
+dropped while nobody read them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TextIO
+
+from storescp.output import Output
 
 if TYPE_CHECKING:
     from storescp._core import Event
@@ -111,8 +115,9 @@ class Console:
         quiet: bool = False,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        self._out = out if out is not None else sys.stdout
-        self._err = err if err is not None else sys.stderr
+        self._out = Output(out if out is not None else sys.stdout)
+        self._err = Output(err if err is not None else sys.stderr)
+        self._reported_failures: set[str] = set()
         self._quiet = quiet
         self._stamp = Stamp(clock)
         # Lines for `out` wait here until `flush()`, which writes them at once: one write(2)
@@ -135,15 +140,20 @@ class Console:
         order of the events.
         """
         self._write_pending()
-        self._out.flush()
+        self._out.push()
         self._err.write(f"[{self._stamp()}] Error: {message}\n")
-        self._err.flush()
+        self._err.push()
 
-    def flush(self) -> None:
-        """Write the queued lines and flush both streams."""
+    def flush(self, timeout: float = 0.0) -> None:
+        """Write the queued lines, waiting up to `timeout` seconds for a reader that is behind.
+
+        The event loop never waits; the last flush before exit waits a few seconds.
+        """
         self._write_pending()
-        self._out.flush()
-        self._err.flush()
+        self._out.push(timeout)
+        self._err.push(timeout)
+        self._report(self._out, "standard output", self.error)
+        self._report(self._err, "standard error", self.log)
 
     def _write_pending(self) -> None:
         # Swapped in one statement: a signal handler that queues a line meanwhile (cli.py)
@@ -151,6 +161,20 @@ class Console:
         pending, self._pending = self._pending, []
         if pending:
             self._out.write("".join(pending))
+
+    def _report(self, output: Output, name: str, say: Callable[[str], None]) -> None:
+        """Say what became of `output`'s lines: that it failed (once, with `say`, on the
+        other stream), or, once its reader has caught up, how many it dropped."""
+        if output.failure is not None:
+            if name not in self._reported_failures:
+                self._reported_failures.add(name)
+                say(f"{name} failed ({output.failure}); log lines are no longer written to it")
+            return
+        dropped = output.take_dropped()
+        if dropped:
+            line = f"[{self._stamp()}] {dropped} log line(s) dropped: {name} was not being read\n"
+            output.write(line)
+            output.push()
 
     def banner(self) -> None:
         """Write the ASCII-art banner."""
