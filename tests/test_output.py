@@ -94,3 +94,10 @@ def test_a_reader_gone_fails_the_stream_once_without_raising(
     output.push(timeout=1)
     assert output.failure == "Broken pipe"
     assert output.take_dropped() == 0
+
+
+def test_a_stream_closed_at_start_is_failed_from_the_start() -> None:
+    output = Output(None)  # sys.stdout when descriptor 1 was closed at start
+    output.write(LINE)
+    output.push(timeout=1)
+    assert output.failure == "closed at start"

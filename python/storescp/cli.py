@@ -270,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _fail(message: str) -> NoReturn:
-    sys.stdout.flush()
+    if sys.stdout is not None:  # None when the process started with descriptor 1 closed
+        sys.stdout.flush()
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(1)

@@ -30,16 +30,17 @@ class Output:
         failure: Why writing failed (``"Broken pipe"``); nothing is written after that.
     """
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream if stream is not None else io.StringIO()
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._backlog = bytearray()
         self._dropped = 0
         self._pushing = False
-        self.failure: str | None = None
+        # Python's sys.stdout is None when the process started with descriptor 1 closed.
+        self.failure: str | None = None if stream is not None else "closed at start"
         try:
-            stream.flush()  # what was written through the stream itself goes first
-            self._fd: int | None = stream.fileno()
+            self._stream.flush()  # what was written through the stream itself goes first
+            self._fd: int | None = self._stream.fileno()
         except (OSError, ValueError, io.UnsupportedOperation):
             self._fd = None
         self._poll = select.poll()
