@@ -70,8 +70,9 @@ class Output:
                 self._flush_stream()
             return
         if self._pushing:
-            # A signal handler's flush while the main thread is here: the loop below writes
-            # what the handler added; a second writer would repeat or lose bytes.
+            # A signal handler's flush while the main thread is in `_push`: that push, or
+            # the next, writes what the handler added; a second writer would repeat or lose
+            # bytes.
             return
         self._pushing = True
         try:
