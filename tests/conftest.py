@@ -116,11 +116,28 @@ class RunningServer:
 
     def files(self) -> list[Path]:
         """Stored files (the private .storescp area excluded)."""
-        return sorted(
-            p
-            for p in self.storage.rglob("*")
-            if p.is_file() and ".storescp" not in p.relative_to(self.storage).parts
-        )
+        return stored_files(self.storage)
+
+
+def stored_files(storage: Path) -> list[Path]:
+    """The files stored under `storage` (the private .storescp area excluded)."""
+    return sorted(
+        p
+        for p in storage.rglob("*")
+        if p.is_file() and ".storescp" not in p.relative_to(storage).parts
+    )
+
+
+def interrupt(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """Sends SIGINT to a server started with stderr piped, waits; returns its stderr."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    return err
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[str], timeout: float = START_TIMEOUT) -> None:

@@ -15,7 +15,9 @@ from conftest import (
     RunningServer,
     echoscu,
     free_port,
+    interrupt,
     make_dataset,
+    stored_files,
     storescu,
     wait_for_port,
     write_part10,
@@ -100,16 +102,11 @@ def test_a_log_reader_that_goes_away_does_not_stop_the_server(tmp_path: Path) ->
         for path in paths:  # one association each: each one's lines fail to be written
             assert storescu(port, path).returncode == 0
         assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        err = interrupt(proc)
     assert proc.returncode == 0
     assert err.count("Error: standard output failed (Broken pipe)") == 1
-    stored = [p for p in storage.rglob("*.dcm") if ".storescp" not in p.parts]
-    assert len(stored) == 3
+    assert len(stored_files(storage)) == 3
 
 
 def test_a_server_started_with_stdout_closed_stores_and_says_so(tmp_path: Path) -> None:
@@ -125,15 +122,11 @@ def test_a_server_started_with_stdout_closed_stores_and_says_so(tmp_path: Path) 
         wait_for_port(port, proc)
         path = write_part10(make_dataset("1.2.826.0.1.3680043.9.7.3.100"), tmp_path / "a.dcm")
         assert storescu(port, path).returncode == 0
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        err = interrupt(proc)
     assert proc.returncode == 0
     assert err.count("Error: standard output failed (closed at start)") == 1
-    assert len([p for p in storage.rglob("*.dcm") if ".storescp" not in p.parts]) == 1
+    assert len(stored_files(storage)) == 1
 
     bad = subprocess.run(
         ["sh", "-c", 'exec "$@" >&-', "sh", *command, "--bogus"],
