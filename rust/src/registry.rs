@@ -56,6 +56,8 @@ pub fn stable_hash(s: &str) -> u64 {
 /// The registry of one storage root.
 pub struct Registry {
     root: PathBuf,
+    /// `root/.storescp/sop`, where the entries are.
+    sop: PathBuf,
     /// Token -> the folders this process stored into (see [`KNOWN_FOLDERS`]).
     known_folders: Mutex<HashMap<u64, KnownFolder>>,
 }
@@ -71,6 +73,7 @@ impl Registry {
     pub fn new(root: &Path) -> Registry {
         Registry {
             root: root.to_path_buf(),
+            sop: root.join(PRIVATE_DIR).join("sop"),
             known_folders: Mutex::new(HashMap::new()),
         }
     }
@@ -91,14 +94,16 @@ impl Registry {
         Ok(())
     }
 
-    /// The entry of `sop_uid`: `sop/<xx>/<uid>`.
+    /// The entry of `sop_uid`: `sop/<xx>/<uid>`, made in one allocation (once per
+    /// instance).
     pub fn entry(&self, sop_uid: &str) -> PathBuf {
         let folder = format!("{:02x}", stable_hash(sop_uid) % FOLDERS);
-        self.root
-            .join(PRIVATE_DIR)
-            .join("sop")
-            .join(folder)
-            .join(sop_uid)
+        let mut path =
+            PathBuf::with_capacity(self.sop.as_os_str().len() + folder.len() + sop_uid.len() + 2);
+        path.push(&self.sop);
+        path.push(folder);
+        path.push(sop_uid);
+        path
     }
 
     /// The target for an entry of the file `relpath` of `sop_uid`: its folder's link
@@ -234,7 +239,7 @@ impl Registry {
     /// Moves the entries of a flat registry (`sop/<uid>`, before the folders) into their
     /// folders. Call with the commit lock held, before this run stores anything.
     pub fn migrate_flat(&self) -> io::Result<()> {
-        for found in fs::read_dir(self.root.join(PRIVATE_DIR).join("sop"))? {
+        for found in fs::read_dir(&self.sop)? {
             let found = found?;
             if !found.file_type()?.is_symlink() {
                 continue;

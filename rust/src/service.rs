@@ -795,8 +795,9 @@ impl<'a> Session<'a> {
                     format!("cannot parse data set: {e}"),
                 )),
                 Ok(summary) => {
-                    describe(&mut event, &summary);
-                    self.commit(&command, &summary, incoming, ahead.into_line())
+                    let placed = self.commit(&command, &summary, incoming, ahead.into_line());
+                    describe(&mut event, summary);
+                    placed
                 }
             },
         };
@@ -1006,14 +1007,13 @@ fn storage_failure(e: io::Error) -> (u16, String) {
     (status::OUT_OF_RESOURCES, format!("cannot store: {e}"))
 }
 
-/// Copies the sniffed attributes into a store event.
-fn describe(event: &mut Event, summary: &DatasetSummary) {
-    let text = |v: &Option<String>| v.clone().unwrap_or_default();
-    event.study_instance_uid = text(&summary.study_instance_uid);
-    event.series_instance_uid = text(&summary.series_instance_uid);
-    event.patient_id = text(&summary.patient_id);
-    event.patient_name = text(&summary.patient_name);
-    event.modality = text(&summary.modality);
-    event.study_date = text(&summary.study_date);
-    event.study_description = text(&summary.study_description);
+/// Moves the sniffed attributes into a store event.
+fn describe(event: &mut Event, summary: DatasetSummary) {
+    event.study_instance_uid = summary.study_instance_uid.unwrap_or_default();
+    event.series_instance_uid = summary.series_instance_uid.unwrap_or_default();
+    event.patient_id = summary.patient_id.unwrap_or_default();
+    event.patient_name = summary.patient_name.unwrap_or_default();
+    event.modality = summary.modality.unwrap_or_default();
+    event.study_date = summary.study_date.unwrap_or_default();
+    event.study_description = summary.study_description.unwrap_or_default();
 }

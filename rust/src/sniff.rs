@@ -17,6 +17,7 @@
 //! not wanted, defined-length sequences and defined-length items are skipped by counting,
 //! never copied.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use flate2::{Decompress, FlushDecompress, Status};
@@ -99,52 +100,104 @@ pub struct DatasetSummary {
 }
 
 impl DatasetSummary {
-    /// Stores a wanted value; returns false if `tag` is not wanted.
-    fn set(&mut self, tag: u32, raw: &[u8]) -> bool {
-        let charset = self.specific_character_set.clone();
-        let (field, uid) = match tag {
-            0x0008_0005 => (&mut self.specific_character_set, true),
-            0x0008_0016 => (&mut self.sop_class_uid, true),
-            0x0008_0018 => (&mut self.sop_instance_uid, true),
-            0x0008_0020 => (&mut self.study_date, false),
-            0x0008_0060 => (&mut self.modality, false),
-            0x0008_1030 => (&mut self.study_description, false),
-            0x0010_0010 => (&mut self.patient_name, false),
-            0x0010_0020 => (&mut self.patient_id, false),
-            0x0020_000D => (&mut self.study_instance_uid, true),
-            0x0020_000E => (&mut self.series_instance_uid, true),
+    /// Stores a wanted value, text decoded in `repertoire`, which follows a Specific
+    /// Character Set value; returns false if `tag` is not wanted.
+    fn set(&mut self, tag: u32, raw: &[u8], repertoire: &mut Repertoire) -> bool {
+        // Which field, decided twice: the value is decoded before the field it goes to
+        // is borrowed.
+        let uid = match tag {
+            0x0008_0005 | 0x0008_0016 | 0x0008_0018 | 0x0020_000D | 0x0020_000E => true,
+            0x0008_0020 | 0x0008_0060 | 0x0008_1030 | 0x0010_0010 | 0x0010_0020 => false,
             _ => return false,
         };
         let s = if uid {
-            String::from_utf8_lossy(raw)
+            utf8_lossy(raw)
         } else {
-            decode_text(raw, charset.as_deref())
+            repertoire.decode(raw)
         };
         let s = s.trim_end_matches(['\0', ' ']);
         let s = if uid { s } else { s.trim_start_matches(' ') };
-        *field = (!s.is_empty()).then(|| s.to_owned());
+        let value = (!s.is_empty()).then(|| s.to_owned());
+        let field = match tag {
+            0x0008_0005 => {
+                *repertoire = Repertoire::of(value.as_deref());
+                &mut self.specific_character_set
+            }
+            0x0008_0016 => &mut self.sop_class_uid,
+            0x0008_0018 => &mut self.sop_instance_uid,
+            0x0008_0020 => &mut self.study_date,
+            0x0008_0060 => &mut self.modality,
+            0x0008_1030 => &mut self.study_description,
+            0x0010_0010 => &mut self.patient_name,
+            0x0010_0020 => &mut self.patient_id,
+            0x0020_000D => &mut self.study_instance_uid,
+            0x0020_000E => &mut self.series_instance_uid,
+            _ => return false,
+        };
+        *field = value;
         true
     }
 }
 
-/// Decodes a text value (PN, LO, ...) in the Specific Character Set `charset` (PS3.5
+/// `raw` as UTF-8 text, each invalid sequence replaced by U+FFFD; borrowed when valid, as
+/// the ASCII of UIDs and code strings always is (checked a word at a time, where the
+/// lossy decoder goes byte by byte).
+fn utf8_lossy(raw: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(raw) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(raw),
+    }
+}
+
+/// How text values (PN, LO, ...) are decoded, from the Specific Character Set (PS3.5
 /// 6.1): UTF-8 for ISO_IR 192, ISO 8859-1 for ISO_IR 100. Other repertoires (ISO 2022
 /// code extensions, other 8-bit sets, GB18030) are decoded as UTF-8 when the bytes are
 /// valid UTF-8 and as ISO 8859-1 otherwise: never a replacement character, at worst the
 /// wrong glyph for a non-Latin script in the log line and the index.
-pub fn decode_text<'a>(raw: &'a [u8], charset: Option<&str>) -> std::borrow::Cow<'a, str> {
-    let latin1 = |raw: &[u8]| raw.iter().map(|&b| char::from(b)).collect::<String>();
-    let terms = charset.unwrap_or_default();
-    if terms.split('\\').any(|t| t.trim() == "ISO_IR 192") {
-        return String::from_utf8_lossy(raw);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Repertoire {
+    Utf8,
+    Latin1,
+    /// Absent, or any other: UTF-8 when valid, else ISO 8859-1.
+    #[default]
+    Other,
+}
+
+impl Repertoire {
+    /// The repertoire of a Specific Character Set value (its terms separated by `\`).
+    fn of(charset: Option<&str>) -> Repertoire {
+        let has = |term: &str| {
+            charset
+                .unwrap_or_default()
+                .split('\\')
+                .any(|t| t.trim() == term)
+        };
+        if has("ISO_IR 192") {
+            Repertoire::Utf8
+        } else if has("ISO_IR 100") {
+            Repertoire::Latin1
+        } else {
+            Repertoire::Other
+        }
     }
-    if terms.split('\\').any(|t| t.trim() == "ISO_IR 100") {
-        return latin1(raw).into();
+
+    fn decode(self, raw: &[u8]) -> Cow<'_, str> {
+        let latin1 = |raw: &[u8]| raw.iter().map(|&b| char::from(b)).collect::<String>();
+        match self {
+            Repertoire::Utf8 => utf8_lossy(raw),
+            // ASCII reads the same in ISO 8859-1: no copy for the usual value.
+            Repertoire::Latin1 if !raw.is_ascii() => latin1(raw).into(),
+            Repertoire::Latin1 | Repertoire::Other => match std::str::from_utf8(raw) {
+                Ok(text) => text.into(),
+                Err(_) => latin1(raw).into(),
+            },
+        }
     }
-    match std::str::from_utf8(raw) {
-        Ok(text) => text.into(),
-        Err(_) => latin1(raw).into(),
-    }
+}
+
+/// Decodes a text value in the Specific Character Set `charset`, as [`Repertoire`] says.
+pub fn decode_text<'a>(raw: &'a [u8], charset: Option<&str>) -> Cow<'a, str> {
+    Repertoire::of(charset).decode(raw)
 }
 
 fn is_wanted(tag: u32) -> bool {
@@ -306,6 +359,8 @@ struct Parser {
     sequences: usize,
     value: Vec<u8>,
     summary: DatasetSummary,
+    /// How the text values are decoded, from the Specific Character Set seen so far.
+    repertoire: Repertoire,
     /// Bytes consumed so far.
     pos: u64,
     /// Walk the framing to the end instead of stopping after (0020,000E).
@@ -327,6 +382,7 @@ impl Parser {
             sequences: 0,
             value: Vec::new(),
             summary: DatasetSummary::default(),
+            repertoire: Repertoire::default(),
             pos: 0,
         }
     }
@@ -370,10 +426,10 @@ impl Parser {
                     } else {
                         if self.value.is_empty() {
                             // The whole value was in this fragment: no copy.
-                            self.summary.set(tag, chunk);
+                            self.summary.set(tag, chunk, &mut self.repertoire);
                         } else {
                             self.value.extend_from_slice(chunk);
-                            self.summary.set(tag, &self.value);
+                            self.summary.set(tag, &self.value, &mut self.repertoire);
                             self.value.clear();
                         }
                         self.state = State::Header;
@@ -526,7 +582,7 @@ impl Parser {
                 return Err(SniffError::ValueTooLong { tag, length });
             }
             if length == 0 {
-                self.summary.set(tag, &[]);
+                self.summary.set(tag, &[], &mut self.repertoire);
             } else {
                 self.value.clear();
                 self.state = State::Collect {
@@ -1063,6 +1119,11 @@ mod tests {
     fn text_follows_the_specific_character_set() {
         let latin1 = b"M\xfcller^J\xfcrgen";
         assert_eq!(decode_text(latin1, Some("ISO_IR 100")), "Müller^Jürgen");
+        // The usual value, ASCII, is not copied.
+        assert!(matches!(
+            decode_text(b"DOE^JOHN", Some("ISO_IR 100")),
+            Cow::Borrowed("DOE^JOHN")
+        ));
         assert_eq!(
             decode_text("Müller".as_bytes(), Some("ISO_IR 192")),
             "Müller"
@@ -1074,6 +1135,29 @@ mod tests {
             decode_text(latin1, Some("\\ISO 2022 IR 100")),
             "Müller^Jürgen"
         );
+    }
+
+    /// The repertoire named by (0008,0005) decodes the text values after it, whatever
+    /// the fragment boundaries.
+    #[test]
+    fn text_values_follow_the_data_sets_character_set() {
+        let b = || B::new(Enc::Le);
+        let data = [
+            b().text(0x0008_0005, b"CS", "ISO_IR 100").out,
+            b().text(0x0008_0018, b"UI", "1.2.3").out,
+            // Valid UTF-8 too ("Müller"), but ISO 8859-1 reads these bytes otherwise.
+            b().el(0x0010_0010, b"PN", b"M\xc3\xbcller").out,
+            b().text(0x0020_000D, b"UI", "1.2").out,
+        ]
+        .concat();
+        let want = Ok(DatasetSummary {
+            specific_character_set: Some("ISO_IR 100".into()),
+            sop_instance_uid: Some("1.2.3".into()),
+            patient_name: Some("MÃ¼ller".into()),
+            study_instance_uid: Some("1.2".into()),
+            ..DatasetSummary::default()
+        });
+        check_all_splits(Encoding::ExplicitVrLittle, &data, false, &want);
     }
 
     #[test]
