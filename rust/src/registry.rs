@@ -94,8 +94,8 @@ impl Registry {
         Ok(())
     }
 
-    /// The entry of `sop_uid`: `sop/<xx>/<uid>`, made in one allocation (once per
-    /// instance).
+    /// The entry of `sop_uid`: `sop/<xx>/<uid>`. Once per instance, so the path is
+    /// allocated once at its full length.
     pub fn entry(&self, sop_uid: &str) -> PathBuf {
         let folder = format!("{:02x}", stable_hash(sop_uid) % FOLDERS);
         let mut path =
