@@ -83,62 +83,82 @@ def test_stamp_has_milliseconds_and_follows_the_clock_across_seconds() -> None:
     ]
 
 
-@pytest.mark.parametrize(
-    ("event", "line"),
-    [
-        (
-            make_event("assoc_accepted"),
-            "Association established from: MODALITY -> MY_PACS (10.0.0.7:40000)",
-        ),
-        (make_event("assoc_released"), "Association released: MODALITY (10.0.0.7:40000)"),
-        (
-            make_event("assoc_aborted", reason="peer sent A-ABORT"),
-            "Association aborted: MODALITY (10.0.0.7:40000): peer sent A-ABORT",
-        ),
-        (
-            make_event("assoc_rejected", reason="calling AE not allowed (1/1/3)"),
-            "Association rejected: MODALITY -> MY_PACS (10.0.0.7:40000): "
-            "calling AE not allowed (1/1/3)",
-        ),
-        (
-            make_event("assoc_rejected", calling_ae="", called_ae="", reason="ARTIM timeout"),
-            "Association rejected: (10.0.0.7:40000): ARTIM timeout",
-        ),
-        (make_event("echo"), "C-ECHO from MODALITY (10.0.0.7:40000)"),
-        (
-            make_event("store", outcome="stored"),
-            "C-STORE from MODALITY: CT - DOE^JOHN (Head)",
-        ),
-        (
-            make_event(
-                "store", outcome="stored", modality="", patient_name="", study_description=""
-            ),
-            "C-STORE from MODALITY: ?? - Unknown",
-        ),
-        (
-            make_event("store", outcome="replaced"),
-            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> replaced",
-        ),
-        (
-            make_event("store", outcome="ignored"),
-            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> ignored",
-        ),
-        (
-            make_event("store", outcome="duplicate", status=0x0111, error_comment="already stored"),
-            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> duplicate (0x0111): already stored",
-        ),
-        (
-            make_event("store", outcome="refused", status=0xC000, error_comment="bad UID"),
-            "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> refused (0xC000): bad UID",
-        ),
-    ],
-)
+EVENT_LINES = [
+    (
+        make_event("assoc_accepted"),
+        "Association established from: MODALITY -> MY_PACS (10.0.0.7:40000)",
+    ),
+    (make_event("assoc_released"), "Association released: MODALITY (10.0.0.7:40000)"),
+    (
+        make_event("assoc_aborted", reason="peer sent A-ABORT"),
+        "Association aborted: MODALITY (10.0.0.7:40000): peer sent A-ABORT",
+    ),
+    (
+        make_event("assoc_rejected", reason="calling AE not allowed (1/1/3)"),
+        "Association rejected: MODALITY -> MY_PACS (10.0.0.7:40000): "
+        "calling AE not allowed (1/1/3)",
+    ),
+    (
+        make_event("assoc_rejected", calling_ae="", called_ae="", reason="ARTIM timeout"),
+        "Association rejected: (10.0.0.7:40000): ARTIM timeout",
+    ),
+    (make_event("echo"), "C-ECHO from MODALITY (10.0.0.7:40000)"),
+    (
+        make_event("store", outcome="stored"),
+        "C-STORE from MODALITY: CT - DOE^JOHN (Head)",
+    ),
+    (
+        make_event("store", outcome="stored", modality="", patient_name="", study_description=""),
+        "C-STORE from MODALITY: ?? - Unknown",
+    ),
+    (
+        make_event("store", outcome="replaced"),
+        "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> replaced",
+    ),
+    (
+        make_event("store", outcome="ignored"),
+        "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> ignored",
+    ),
+    (
+        make_event("store", outcome="duplicate", status=0x0111, error_comment="already stored"),
+        "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> duplicate (0x0111): already stored",
+    ),
+    (
+        make_event("store", outcome="refused", status=0xC000, error_comment="bad UID"),
+        "C-STORE from MODALITY: CT - DOE^JOHN (Head) -> refused (0xC000): bad UID",
+    ),
+]
+
+
+@pytest.mark.parametrize(("event", "line"), EVENT_LINES)
 def test_event_lines(event: Any, line: str) -> None:
     console, out, err = make_console()
     console.event(event)
     console.flush()
     assert out.getvalue() == STAMP + line + "\n"
     assert err.getvalue() == ""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+@pytest.mark.parametrize("index_failed", [False, True])
+def test_a_batch_is_written_as_its_events_one_by_one(quiet: bool, index_failed: bool) -> None:
+    batch = [event for event, _line in EVENT_LINES] + [
+        make_event("store", outcome="stored", ack_token=7),
+        make_event("store", outcome="failed", status=0xA700, error_comment="disk full"),
+        make_event("error", reason="accept failed", peer=""),
+        make_event("store", outcome="stored", calling_ae="NO\nLINE"),
+    ]
+    one_by_one, batched = io.StringIO(), io.StringIO()
+    console = Console(one_by_one, one_by_one, quiet=quiet, clock=lambda: NOW)
+    for event in batch:
+        console.event(event, index_failed=index_failed and event.ack_token > 0)
+    console.flush()
+    console = Console(batched, batched, quiet=quiet, clock=lambda: NOW)
+    console.events(batch, index_failed=index_failed)
+    console.flush()
+    assert batched.getvalue() == one_by_one.getvalue()
+    assert ("NO?LINE" in batched.getvalue()) is not quiet
+    assert ("index not updated" in batched.getvalue()) is index_failed
 
 
 class CountingStream(io.StringIO):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, TextIO
 
 from storescp.output import Output
@@ -265,6 +265,30 @@ class Console:
         self.print(RULE)
         for label, value in rows:
             self.print(f"  {label + ':':<{_LABEL_WIDTH + 3}}{value}")
+
+    def events(self, batch: Iterable[Event], *, index_failed: bool = False) -> None:
+        """Write the lines of a batch of core events, in order.
+
+        Args:
+            batch: The events, as the core reported them.
+            index_failed: The batch's index commit failed: its C-STOREs (those with an
+                ack token) were answered with a failure, and their lines say so.
+        """
+        stamp, quiet = self._stamp, self._quiet
+        for event in batch:
+            # The usual event, a C-STORE stored, is formatted here without further calls:
+            # thousands a second on a busy receiver.
+            if (
+                event.kind == "store"
+                and event.outcome == "stored"
+                and not (index_failed and event.ack_token > 0)
+            ):
+                if not quiet:
+                    # Not a cached `self._pending`: `error()` and a signal handler's flush
+                    # swap the list.
+                    self._pending.append(f"[{stamp()}] {_store_line(event)}\n")
+            else:
+                self.event(event, index_failed=index_failed and event.ack_token > 0)
 
     def event(self, event: Event, *, index_failed: bool = False) -> None:
         """Write the line of one core event.

@@ -301,8 +301,7 @@ class StorageSCP:
         token = max(event.ack_token for event in batch)
         if token > 0:
             server.ack(token, ok=not index_failed)
-        for event in batch:
-            self._console.event(event, index_failed=index_failed and event.ack_token > 0)
+        self._console.events(batch, index_failed=index_failed)
 
     def _record(self, batch: Sequence[_core.Event]) -> bool:
         """Commit the batch's C-STOREs to the index; False when that failed."""
