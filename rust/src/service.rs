@@ -773,17 +773,9 @@ impl<'a> Session<'a> {
         };
         Stats::add(&stats.images_received, 1);
         Stats::add(&stats.bytes_received, done.bytes);
-        let transfer_syntax = self
-            .context(done.context_id)
-            .map(|c| c.transfer_syntax.clone())
-            .unwrap_or_default();
-        let mut event = self.peer.event("store");
-        event.sop_class_uid = command.affected_sop_class_uid.clone().unwrap_or_default();
-        event.sop_instance_uid = command
-            .affected_sop_instance_uid
-            .clone()
-            .unwrap_or_default();
-        event.transfer_syntax = transfer_syntax;
+        // Named (association, command, transfer syntax) only once it is to be queued: a
+        // quiet receiver's successes never are.
+        let mut event = Event::new("store");
         event.data_set_bytes = done.bytes;
 
         let verdict = match (failure, incoming) {
@@ -802,10 +794,13 @@ impl<'a> Session<'a> {
             },
         };
         let (code, comment) = match verdict {
-            Ok(placed) if placed.is_journaled() => match self.index_while_durable(event, placed) {
-                Some(answer) => answer,
-                None => return false,
-            },
+            Ok(placed) if placed.is_journaled() => {
+                self.name_store_event(&mut event, &command, done.context_id);
+                match self.index_while_durable(event, placed) {
+                    Some(answer) => answer,
+                    None => return false,
+                }
+            }
             verdict => {
                 let verdict = verdict.and_then(|placed| {
                     let settled = placed.report();
@@ -817,6 +812,7 @@ impl<'a> Session<'a> {
                 self.settle(&mut event, verdict);
                 let answer = (event.status, event.error_comment.clone());
                 if answer.0 != status::SUCCESS || self.shared.settings.report_stored {
+                    self.name_store_event(&mut event, &command, done.context_id);
                     self.shared.events.push(event);
                 }
                 answer
@@ -846,6 +842,21 @@ impl<'a> Session<'a> {
             let _ = self.shared.store.prepare_folders();
         }
         sent
+    }
+
+    /// Fills in who sent a store event, for what, and in which transfer syntax.
+    fn name_store_event(&self, event: &mut Event, command: &Command, context_id: u8) {
+        let peer = &self.peer;
+        event.assoc_id = peer.assoc_id;
+        event.peer.clone_from(&peer.addr);
+        event.calling_ae.clone_from(&peer.calling_ae);
+        event.called_ae.clone_from(&peer.called_ae);
+        let uid = |uid: &Option<String>| uid.clone().unwrap_or_default();
+        event.sop_class_uid = uid(&command.affected_sop_class_uid);
+        event.sop_instance_uid = uid(&command.affected_sop_instance_uid);
+        if let Some(context) = self.context(context_id) {
+            event.transfer_syntax.clone_from(&context.transfer_syntax);
+        }
     }
 
     /// Names the file, checks the data set against the command, and commits.
