@@ -236,7 +236,7 @@ fn us(tag: u32, value: &[u8]) -> Result<u16, DimseError> {
 /// Decodes a text value: lossy UTF-8, trailing NUL/space removed (and leading spaces when
 /// `trim_leading`); empty becomes `None`.
 fn text(value: &[u8], trim_leading: bool) -> Option<String> {
-    let s = String::from_utf8_lossy(value);
+    let s = crate::sniff::utf8_lossy(value);
     let s = s.trim_end_matches(['\0', ' ']);
     let s = if trim_leading {
         s.trim_start_matches(' ')

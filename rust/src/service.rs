@@ -40,14 +40,17 @@ pub struct Peer {
 
 impl Peer {
     fn event(&self, kind: &'static str) -> Event {
-        Event {
-            kind,
-            assoc_id: self.assoc_id,
-            peer: self.addr.clone(),
-            calling_ae: self.calling_ae.clone(),
-            called_ae: self.called_ae.clone(),
-            ..Event::default()
-        }
+        let mut event = Event::new(kind);
+        self.name(&mut event);
+        event
+    }
+
+    /// Fills in the association an event is about.
+    fn name(&self, event: &mut Event) {
+        event.assoc_id = self.assoc_id;
+        event.peer.clone_from(&self.addr);
+        event.calling_ae.clone_from(&self.calling_ae);
+        event.called_ae.clone_from(&self.called_ae);
     }
 }
 
@@ -846,11 +849,7 @@ impl<'a> Session<'a> {
 
     /// Fills in who sent a store event, for what, and in which transfer syntax.
     fn name_store_event(&self, event: &mut Event, command: &Command, context_id: u8) {
-        let peer = &self.peer;
-        event.assoc_id = peer.assoc_id;
-        event.peer.clone_from(&peer.addr);
-        event.calling_ae.clone_from(&peer.calling_ae);
-        event.called_ae.clone_from(&peer.called_ae);
+        self.peer.name(event);
         let uid = |uid: &Option<String>| uid.clone().unwrap_or_default();
         event.sop_class_uid = uid(&command.affected_sop_class_uid);
         event.sop_instance_uid = uid(&command.affected_sop_instance_uid);

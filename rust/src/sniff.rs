@@ -70,8 +70,8 @@ impl Encoding {
     }
 }
 
-/// The top-level attributes found by a [`Sniffer`]. Text values are decoded by
-/// [`decode_text`] in the data set's Specific Character Set, trailing NUL and spaces
+/// The top-level attributes found by a [`Sniffer`]. Text values are decoded in the
+/// repertoire of the data set's Specific Character Set (`Repertoire`), trailing NUL and spaces
 /// removed (and leading spaces for the non-UID values); an absent or empty value is
 /// `None`. A value is kept verbatim otherwise (multi-valued text keeps its `\`
 /// delimiters).
@@ -142,7 +142,7 @@ impl DatasetSummary {
 /// `raw` as UTF-8 text, each invalid sequence replaced by U+FFFD; borrowed when valid, as
 /// the ASCII of UIDs and code strings always is (checked a word at a time, where the
 /// lossy decoder goes byte by byte).
-fn utf8_lossy(raw: &[u8]) -> Cow<'_, str> {
+pub(crate) fn utf8_lossy(raw: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(raw) {
         Ok(text) => Cow::Borrowed(text),
         Err(_) => String::from_utf8_lossy(raw),
@@ -193,11 +193,6 @@ impl Repertoire {
             },
         }
     }
-}
-
-/// Decodes a text value in the Specific Character Set `charset`, as [`Repertoire`] says.
-pub fn decode_text<'a>(raw: &'a [u8], charset: Option<&str>) -> Cow<'a, str> {
-    Repertoire::of(charset).decode(raw)
 }
 
 fn is_wanted(tag: u32) -> bool {
@@ -1117,6 +1112,10 @@ mod tests {
         "0c00000020000d0004000000372e3700feffdde0000000001000100008000000446f655e4a616e651000200002000000",
         "503120000d0006000000312e322e330020000e0008000000312e322e332e340020001300020000003120",
     ];
+
+    fn decode_text<'a>(raw: &'a [u8], charset: Option<&str>) -> Cow<'a, str> {
+        Repertoire::of(charset).decode(raw)
+    }
 
     #[test]
     fn text_follows_the_specific_character_set() {
