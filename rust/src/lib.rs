@@ -344,6 +344,7 @@ mod python {
             some(study_date).as_deref(),
             today,
         )
+        .map(|named| named.path)
         .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 

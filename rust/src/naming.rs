@@ -178,18 +178,18 @@ pub fn is_valid_date(yyyymmdd: &str) -> bool {
 ///
 /// The Study, Series and SOP Instance UIDs are validated whatever the layout, in that
 /// order; the first failure is returned.
-pub fn relative_path(
+pub fn relative_path<'a>(
     naming: Naming,
     study: Option<&str>,
     series: Option<&str>,
-    sop: Option<&str>,
+    sop: Option<&'a str>,
     study_date: Option<&str>,
     today: &str,
-) -> Result<String, NamingError> {
+) -> Result<RelativePath<'a>, NamingError> {
     let study = validate_uid("Study Instance UID", study)?;
     let series = validate_uid("Series Instance UID", series)?;
     let sop = validate_uid("SOP Instance UID", sop)?;
-    Ok(match naming {
+    let path = match naming {
         Naming::Hierarchical => format!("{study}/{series}/{sop}.dcm"),
         Naming::Flat => format!("{sop}.dcm"),
         Naming::Date => {
@@ -206,7 +206,20 @@ pub fn relative_path(
             );
             format!("{y}/{m}/{d}/{study}/{sop}.dcm")
         }
+    };
+    Ok(RelativePath {
+        path,
+        sop_instance_uid: sop,
     })
+}
+
+/// A stored instance's path under the storage root, with the SOP Instance UID it was
+/// made from, validated and without its padding: the key of the duplicate decision.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RelativePath<'a> {
+    /// `/`-separated, relative to the storage root.
+    pub path: String,
+    pub sop_instance_uid: &'a str,
 }
 
 #[cfg(test)]
@@ -337,7 +350,8 @@ mod tests {
     #[test]
     fn layouts() {
         let (st, se, so) = (Some("1.2.3"), Some("1.2.3.4\0"), Some("1.2.3.4.5"));
-        let p = |n, date: Option<&str>| relative_path(n, st, se, so, date, "20250102");
+        let p =
+            |n, date: Option<&str>| relative_path(n, st, se, so, date, "20250102").map(|r| r.path);
         assert_eq!(
             p(Naming::Hierarchical, None).unwrap(),
             "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
@@ -365,7 +379,9 @@ mod tests {
         }
         // A bad `today` still gives a well-formed path.
         assert_eq!(
-            relative_path(Naming::Date, st, se, so, None, "x").unwrap(),
+            relative_path(Naming::Date, st, se, so, None, "x")
+                .unwrap()
+                .path,
             "0000/00/00/1.2.3/1.2.3.4.5.dcm"
         );
     }
@@ -373,7 +389,7 @@ mod tests {
     #[test]
     fn layouts_validate_all_uids_in_order() {
         for n in [Naming::Hierarchical, Naming::Date, Naming::Flat] {
-            let r = |a, b, c| relative_path(n, a, b, c, None, "20250102");
+            let r = |a, b, c| relative_path(n, a, b, c, None, "20250102").map(|r| r.path);
             assert_eq!(
                 r(None, None, None),
                 Err(NamingError::MissingUid("Study Instance UID"))

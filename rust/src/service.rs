@@ -998,7 +998,7 @@ fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<(String, &str),
         String::new()
     };
     let refused = |e: crate::naming::NamingError| (status::CANNOT_UNDERSTAND, e.to_string());
-    let relpath = relative_path(
+    let named = relative_path(
         naming,
         summary.study_instance_uid.as_deref(),
         summary.series_instance_uid.as_deref(),
@@ -1007,9 +1007,7 @@ fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<(String, &str),
         &today,
     )
     .map_err(refused)?;
-    let sop_uid =
-        validate_uid("SOP Instance UID", summary.sop_instance_uid.as_deref()).map_err(refused)?;
-    Ok((relpath, sop_uid))
+    Ok((named.path, named.sop_instance_uid))
 }
 
 /// The status and Error Comment of a storage failure (SPEC.md section 4).

@@ -1753,9 +1753,9 @@ proptest! {
             && model_uid(series.as_deref()).is_some()
             && model_uid(sop.as_deref()).is_some();
         match result {
-            Ok(path) => {
-                prop_assert!(valid, "accepted invalid UIDs: {:?}", path);
-                check_safe_path(&path, naming)?;
+            Ok(named) => {
+                prop_assert!(valid, "accepted invalid UIDs: {:?}", named);
+                check_safe_path(&named.path, naming)?;
             }
             Err(e) => {
                 prop_assert!(!valid, "refused valid UIDs: {}", e);
@@ -1790,11 +1790,12 @@ proptest! {
             _ => format!("{s}\0 \0"),
         };
         let today = "19991231";
-        let path = naming::relative_path(
+        let padded_sop = pad(&sop, pads[2]);
+        let named = naming::relative_path(
             naming,
             Some(&pad(&study, pads[0])),
             Some(&pad(&series, pads[1])),
-            Some(&pad(&sop, pads[2])),
+            Some(&padded_sop),
             date.as_deref(),
             today,
         )
@@ -1808,7 +1809,8 @@ proptest! {
             Naming::Flat => format!("{sop}.dcm"),
             Naming::Date => format!("{}/{}/{}/{study}/{sop}.dcm", &day[0..4], &day[4..6], &day[6..8]),
         };
-        check_safe_path(&path, naming)?;
-        prop_assert_eq!(path, expected);
+        check_safe_path(&named.path, naming)?;
+        prop_assert_eq!(named.path, expected);
+        prop_assert_eq!(named.sop_instance_uid, sop.as_str());
     }
 }
