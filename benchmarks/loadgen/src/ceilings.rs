@@ -563,6 +563,9 @@ struct Exchange<'p> {
     /// Stored durably, as with fsync on, each part written as it arrives
     /// ([`receive_durably`]; the responder then reads without polling).
     durable: bool,
+    /// Stored with its registry entry, as storescp stores it; without, to price the
+    /// registry that SPEC.md's duplicate rule needs.
+    registry: bool,
 }
 
 impl<'p> Exchange<'p> {
@@ -571,6 +574,7 @@ impl<'p> Exchange<'p> {
             request: TINY_REQUEST,
             store,
             durable: false,
+            registry: true,
         }
     }
 }
@@ -592,7 +596,7 @@ fn loopback_round_trips(
 ) -> Result<f64, String> {
     let per_pair = count.div_ceil(pairs);
     let sub = exchange.store.map(tiny_store_dirs).transpose()?;
-    let (request_len, durable) = (exchange.request, exchange.durable);
+    let (request_len, durable, registry) = (exchange.request, exchange.durable, exchange.registry);
     let pair_up = |pair: usize| -> Result<(), String> {
         let sub = sub.clone();
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
@@ -614,11 +618,11 @@ fn loopback_round_trips(
                 match &sub {
                     Some(sub) if durable => {
                         let file = receive_durably(&mut stream, sub, &mut request, request_len)?;
-                        place_instance(sub, &series(sub), &file, n, true, true)?;
+                        place_instance(sub, &series(sub), &file, n, registry, true)?;
                     }
                     Some(sub) => {
                         read_polling(&mut stream, &mut request, spin)?;
-                        store_instance(sub, &series(sub), &request, n, true)?;
+                        store_instance(sub, &series(sub), &request, n, registry)?;
                     }
                     None => read_polling(&mut stream, &mut request, spin)?,
                 }
@@ -687,11 +691,16 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
     let (dir, s, cleanup) = (options.dir.as_path(), options.scale, options.cleanup);
     let (polled, exchanges, stored) = (SPIN_FOR_NEXT_REQUEST, scaled(20000, s), scaled(5000, s));
     let stored_in = |name: &str| dir.join(name);
-    // Tiny requests from `pairs` pairs, each stored before its answer, in `folder`.
-    let stored_tiny = move |pairs: usize, spin: Duration, folder: &'static str| {
+    // Tiny requests from `pairs` pairs, each stored before its answer, in `folder`,
+    // with or without the registry entry.
+    let stored_tiny = move |pairs: usize, spin: Duration, folder: &'static str, registry| {
         move || {
             let into = stored_in(folder);
-            loopback_round_trips(pairs, stored, spin, Exchange::tiny(Some(&into)), cleanup)
+            let tiny = Exchange {
+                registry,
+                ..Exchange::tiny(Some(&into))
+            };
+            loopback_round_trips(pairs, stored, spin, tiny, cleanup)
         }
     };
     vec![
@@ -803,12 +812,17 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
         Ceiling::one(
             "stored_round_trips_x1_per_s",
             "loopback 3 KB request stored as a tiny instance + answer/s, 1 pair, polled",
-            stored_tiny(1, polled, "ceiling-stored-x1"),
+            stored_tiny(1, polled, "ceiling-stored-x1", true),
         ),
         Ceiling::one(
             "stored_round_trips_x4_per_s",
             "loopback 3 KB request stored as a tiny instance + answer/s, 4 pairs",
-            stored_tiny(4, Duration::ZERO, "ceiling-stored-x4"),
+            stored_tiny(4, Duration::ZERO, "ceiling-stored-x4", true),
+        ),
+        Ceiling::one(
+            "stored_round_trips_no_registry_x4_per_s",
+            "the same without the registry entry, 4 pairs",
+            stored_tiny(4, Duration::ZERO, "ceiling-stored-no-registry-x4", false),
         ),
         Ceiling::one(
             "durable_stored_round_trips_512k_x4_per_s",
@@ -819,6 +833,7 @@ fn ceilings(options: &Options) -> Vec<Ceiling<'_>> {
                     request: 512 * 1024,
                     store: Some(&into),
                     durable: true,
+                    registry: true,
                 };
                 loopback_round_trips(4, scaled(600, s), Duration::ZERO, small, cleanup)
             },
