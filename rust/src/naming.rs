@@ -167,7 +167,8 @@ pub fn is_valid_date(yyyymmdd: &str) -> bool {
     day <= days
 }
 
-/// Relative path of a stored instance under the storage root, `/`-separated.
+/// Relative path of a stored instance under the storage root, `/`-separated, with the
+/// validated SOP Instance UID it names.
 ///
 /// - [`Naming::Hierarchical`] gives `{study}/{series}/{sop}.dcm`
 /// - [`Naming::Date`] gives `YYYY/MM/DD/{study}/{sop}.dcm`, the date taken from `study_date`
@@ -215,10 +216,11 @@ pub fn relative_path<'a>(
 
 /// A stored instance's path under the storage root, with the SOP Instance UID it was
 /// made from, validated and without its padding: the key of the duplicate decision.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct RelativePath<'a> {
     /// `/`-separated, relative to the storage root.
     pub path: String,
+    /// Borrowed from the caller's value, without its trailing padding.
     pub sop_instance_uid: &'a str,
 }
 

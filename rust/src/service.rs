@@ -10,7 +10,7 @@ use crate::association::{negotiate, AcceptedContext, Negotiation};
 use crate::dimse::{self, command_field, status, Command};
 use crate::events::{Event, Stats};
 use crate::meta::encode_file_meta;
-use crate::naming::{relative_path, validate_uid, Naming};
+use crate::naming::{relative_path, validate_uid, Naming, RelativePath};
 use crate::pdu::{self, abort, pdu_type, reject, PduError};
 use crate::server::Shared;
 use crate::sniff::{DatasetSummary, Encoding, Sniffer};
@@ -731,7 +731,9 @@ impl<'a> Session<'a> {
                         let store = &self.shared.store;
                         *ahead = file_name(store.config().naming, summary)
                             .ok()
-                            .and_then(|(relpath, uid)| store.journal_ahead(uid, &relpath))
+                            .and_then(|named| {
+                                store.journal_ahead(named.sop_instance_uid, &named.path)
+                            })
                             .map_or(Ahead::Not, Ahead::Written);
                     }
                 }
@@ -867,7 +869,10 @@ impl<'a> Session<'a> {
         ahead: Option<JournalLine<'a>>,
     ) -> Result<Placed<'a>, (u16, String)> {
         let store = &self.shared.store;
-        let (relpath, sop_uid) = file_name(store.config().naming, summary)?;
+        let RelativePath {
+            path: relpath,
+            sop_instance_uid: sop_uid,
+        } = file_name(store.config().naming, summary)?;
         let mismatch = |what: &str, data_set: &str, command: &str| {
             (
                 status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -991,14 +996,14 @@ impl<'a> Session<'a> {
 
 /// The file's path under `naming` and the validated SOP Instance UID, from the sniffed
 /// attributes; a C000 refusal when they cannot name a file (SPEC.md section 4).
-fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<(String, &str), (u16, String)> {
+fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<RelativePath<'_>, (u16, String)> {
     let today = if naming == Naming::Date {
         local_date_today()
     } else {
         String::new()
     };
     let refused = |e: crate::naming::NamingError| (status::CANNOT_UNDERSTAND, e.to_string());
-    let named = relative_path(
+    relative_path(
         naming,
         summary.study_instance_uid.as_deref(),
         summary.series_instance_uid.as_deref(),
@@ -1006,8 +1011,7 @@ fn file_name(naming: Naming, summary: &DatasetSummary) -> Result<(String, &str),
         summary.study_date.as_deref(),
         &today,
     )
-    .map_err(refused)?;
-    Ok((named.path, named.sop_instance_uid))
+    .map_err(refused)
 }
 
 /// The status and Error Comment of a storage failure (SPEC.md section 4).
