@@ -437,7 +437,7 @@ pub fn sniff(data: &[u8]) {
 /// Any summary can be turned into a path or refused, never an unsafe path.
 fn check_summary(summary: &DatasetSummary) {
     for naming in [Naming::Hierarchical, Naming::Date, Naming::Flat] {
-        if let Ok(path) = naming::relative_path(
+        if let Ok(named) = naming::relative_path(
             naming,
             summary.study_instance_uid.as_deref(),
             summary.series_instance_uid.as_deref(),
@@ -445,10 +445,14 @@ fn check_summary(summary: &DatasetSummary) {
             summary.study_date.as_deref(),
             "20240101",
         ) {
+            let path = named.path.as_str();
             assert!(!path.starts_with('/') && !path.contains('\\') && !path.contains('\0'));
             assert!(path
                 .split('/')
                 .all(|c| !c.is_empty() && c != "." && c != ".."));
+            // The UID the duplicate decision keys on is the one that names the file.
+            let file = path.rsplit('/').next().unwrap_or_default();
+            assert_eq!(file.strip_suffix(".dcm"), Some(named.sop_instance_uid));
         }
     }
 }
